@@ -1,0 +1,130 @@
+"""Attach on task start and detach on task delete, on a real containerd with the real plugins."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from tests.integration.harness import (
+    Daemon,
+    WatcherEnv,
+    assert_no_leaks,
+    bridge_veths,
+    container_addresses,
+    container_links,
+    leases,
+    nat_rules,
+    pins,
+)
+
+NETWORKS = {"cni-watcher/networks": "mynet,lo"}
+HTTP_PORT = 8080
+SERVE_HTTP = ("httpd", "-f", "-p", str(HTTP_PORT), "-h", "/www")
+REFERENCE_SUBNET = ipaddress.ip_network("10.22.0.0/16")
+
+
+def test_labelled_container_gets_eth0_and_lo(env: WatcherEnv, daemon: Daemon) -> None:
+    """A labelled container gets eth0 on the reference bridge, lo up, and answers on TCP."""
+    pid = env.containerd.start_container("example", "web", NETWORKS, SERVE_HTTP)
+    checkpoint = env.wait_attached("example", "web")
+
+    addresses = container_addresses(pid, "eth0")
+    assert len(addresses) == 1
+    address = ipaddress.ip_interface(addresses[0])
+    assert address.ip in REFERENCE_SUBNET
+    assert "UP" in container_links(pid)["lo"].split(",")
+    assert [net["ifname"] for net in checkpoint["networks"]] == ["eth0", "lo"]
+    assert checkpoint["cni_container_id"] == "example--web"
+
+    with socket.create_connection((str(address.ip), HTTP_PORT), timeout=5) as connection:
+        connection.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = connection.recv(4096)
+    assert reply.startswith(b"HTTP/1.")
+
+    line = daemon.wait_for_log("network.attached", network="mynet")
+    assert line["namespace"] == "example"
+    assert line["container_id"] == "web"
+    assert line["ifname"] == "eth0"
+    assert line["ip"] == addresses[0]
+    assert isinstance(line["duration_ms"], int)
+
+
+def test_delete_leaves_nothing(env: WatcherEnv, daemon: Daemon) -> None:
+    """Deleting a labelled container removes its lease, NAT rules, veth, pin and checkpoint."""
+    env.containerd.start_container("example", "web", NETWORKS)
+    env.wait_attached("example", "web")
+    assert len(leases(env)) == 1
+    assert any('id: \\"example--web\\"' in rule for rule in nat_rules())
+    assert len(bridge_veths()) == 1
+    assert len(pins(env)) == 1
+
+    env.containerd.remove("example", "web")
+    env.wait_detached("example", "web")
+
+    assert_no_leaks(env, ["example--web"])
+    detached = daemon.wait_for_log("network.detached", network="mynet")
+    assert detached["container_id"] == "web"
+    assert daemon.errors() == []
+
+
+def test_unlabelled_container_untouched(env: WatcherEnv, daemon: Daemon) -> None:
+    """A container without an opt-in label keeps a bare namespace and gets no checkpoint."""
+    pid = env.containerd.start_container("example", "plain")
+    daemon.wait_for_log("container.not_opted_in", container_id="plain")
+
+    assert list(container_links(pid)) == ["lo"]
+    assert env.checkpoint("example", "plain") is None
+    assert pins(env) == []
+    assert leases(env) == {}
+
+
+def test_same_id_in_two_namespaces(env: WatcherEnv, daemon: Daemon) -> None:
+    """The same container id in two containerd namespaces gets two separate attachments."""
+    first = env.containerd.start_container("example", "app", NETWORKS)
+    second = env.containerd.start_container("other", "app", NETWORKS)
+    env.wait_attached("example", "app")
+    env.wait_attached("other", "app")
+
+    first_address = container_addresses(first)[0]
+    second_address = container_addresses(second)[0]
+    assert first_address != second_address
+    owners = sorted(owner.split()[0] for owner in leases(env).values())
+    assert owners == ["example--app", "other--app"]
+
+    env.containerd.remove("example", "app")
+    env.wait_detached("example", "app")
+    assert container_addresses(second) == [second_address]
+    assert list(leases(env).values())[0].startswith("other--app")
+
+    env.containerd.remove("other", "app")
+    env.wait_detached("other", "app")
+    assert_no_leaks(env, ["example--app", "other--app"])
+
+
+def test_invalid_label_rejected(env: WatcherEnv, daemon: Daemon) -> None:
+    """A label naming an unknown network logs one error and leaves the container untouched."""
+    pid = env.containerd.start_container("example", "typo", {"cni-watcher/networks": "nosuchnet"})
+    line = daemon.wait_for_log("container.label_invalid", container_id="typo")
+
+    assert line["label"] == "cni-watcher/networks"
+    assert line["value"] == "nosuchnet"
+    assert "nosuchnet" in line["reason"]
+    assert list(container_links(pid)) == ["lo"]
+    assert env.checkpoint("example", "typo") is None
+
+    env.containerd.start_container("example", "fine", NETWORKS)
+    env.wait_attached("example", "fine")
+
+
+def test_exec_delete_ignored(env: WatcherEnv, daemon: Daemon) -> None:
+    """The end of an exec process inside an attached container detaches nothing."""
+    env.containerd.start_container("example", "web", NETWORKS)
+    before = env.wait_attached("example", "web")
+
+    env.containerd.ctr("tasks", "exec", "--exec-id", "probe", "web", "true", namespace="example")
+    # Events are handled in order, so once a later container is attached the
+    # exec's events have been handled too.
+    env.containerd.start_container("example", "later", NETWORKS)
+    env.wait_attached("example", "later")
+
+    assert env.checkpoint("example", "web") == before

@@ -1,0 +1,125 @@
+"""The daemon's main loop: connect, subscribe, list, watch, reconnect, shut down.
+
+containerd does not replay events, so after every (re)connect the daemon
+subscribes first, then lists what exists and reconciles it, and only then
+handles the events that arrived meanwhile and later. A periodic resync
+catches anything that slipped through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from watcher import __version__
+from watcher.attachment import Attacher
+from watcher.checkpoints import CheckpointStore
+from watcher.cni import CNIRuntime
+from watcher.config import Config
+from watcher.containerd import ContainerdClient, TaskEventStream
+from watcher.errors import ContainerdUnavailable
+from watcher.netns import NetnsPins
+from watcher.reconciler import TASK_DELETE, TASK_START, Reconciler
+
+log = structlog.get_logger(__name__)
+
+RECONNECT_INITIAL_DELAY = 0.5
+RECONNECT_MAX_DELAY = 30.0
+RESYNC_INTERVAL = 300.0
+# How long SIGTERM waits for in-flight attach and detach operations.
+SHUTDOWN_GRACE = 30.0
+
+
+class Daemon:
+    """Keeps one containerd connection alive and feeds its events to the reconciler."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.client = ContainerdClient(config.containerd.address)
+        store = CheckpointStore(config.state.dir)
+        attacher = Attacher(
+            CNIRuntime(config.cni.bin_dirs, config.cni.plugin_timeout),
+            store,
+            NetnsPins(config.state.netns_dir),
+        )
+        self.reconciler = Reconciler(self.client, attacher, store, config)
+        self._connected = asyncio.Event()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; returns the exit status (0)."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        log.info("daemon.started", version=__version__, address=self.config.containerd.address)
+
+        workers = [
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(self._resync_periodically()),
+        ]
+        await stop.wait()
+
+        log.info("daemon.stopping", in_flight=len(self.reconciler._tasks))
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        finished = await self.reconciler.drain(SHUTDOWN_GRACE)
+        await self.client.close()
+        log.info("daemon.stopped", drained=finished)
+        return 0
+
+    async def _watch(self) -> None:
+        while True:
+            stream = await self._subscribe()
+            try:
+                await self.reconciler.resync()
+                log.info("daemon.ready")
+                self._connected.set()
+                async for event in stream:
+                    if event.topic in (TASK_START, TASK_DELETE):
+                        self.reconciler.submit(event)
+                log.warning("containerd.stream_ended", next_step="reconnecting")
+            except ContainerdUnavailable as exc:
+                log.warning("containerd.disconnected", error=str(exc), next_step="reconnecting")
+            finally:
+                self._connected.clear()
+                await stream.aclose()
+
+    async def _subscribe(self) -> TaskEventStream:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(ContainerdUnavailable),
+            wait=wait_exponential_jitter(initial=RECONNECT_INITIAL_DELAY, max=RECONNECT_MAX_DELAY),
+            before_sleep=_log_reconnect,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                stream = await self.client.subscribe()
+                version = await self.client.version()
+                log.info("containerd.connected", containerd_version=version)
+                return stream
+        raise AssertionError("unreachable: AsyncRetrying without stop returns or raises")
+
+    async def _resync_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_INTERVAL)
+            if not self._connected.is_set():
+                continue
+            try:
+                await self.reconciler.resync()
+            except ContainerdUnavailable as exc:
+                log.warning("daemon.resync_failed", error=str(exc), next_step="next interval")
+
+
+def _log_reconnect(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    delay = state.next_action.sleep if state.next_action else 0.0
+    log.warning(
+        "containerd.unavailable",
+        attempt=state.attempt_number,
+        delay_s=round(delay, 2),
+        error=str(error),
+    )

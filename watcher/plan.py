@@ -1,0 +1,136 @@
+"""Turning an attach request into the exact networks, interface names and args for ADD.
+
+The plan is what goes into the ``attaching`` checkpoint, so DEL later runs
+with the same configs and args even if the conf dir has changed since.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from watcher.checkpoints import NetworkRecord
+from watcher.cni import ConfDir, NetworkConfigList
+from watcher.errors import LabelError
+from watcher.labels import AttachRequest
+
+
+def cni_container_id(namespace: str, container_id: str) -> str:
+    """Return the CNI container ID for a container: ``NAMESPACE--ID``.
+
+    containerd allows no two separators in a row in namespace names or
+    container ids, so ``--`` never occurs inside either and the pair can be
+    read back unambiguously from iptables comments and lease files.
+    """
+    return f"{namespace}--{container_id}"
+
+
+def plan_networks(request: AttachRequest, conf: ConfDir, prefix: str) -> tuple[NetworkRecord, ...]:
+    """Resolve each requested network in ``conf`` and choose its interface name and args.
+
+    The first non-loopback network gets ``eth0``, the next ``eth1``, and
+    loopback-type networks get ``lo``, unless the label names an interface.
+    Raises LabelError for an unknown network, a clash of interface names, or
+    ports or bandwidth that no plugin of the container's networks can apply.
+    """
+    networks_label = prefix + "networks"
+    configs = [_find_network(conf, ref.name, networks_label) for ref in request.networks]
+    ifnames = _choose_ifnames(request, configs)
+    duplicates = sorted({name for name in ifnames if ifnames.count(name) > 1})
+    if duplicates:
+        value = request.labels.get(networks_label, ",".join(ref.name for ref in request.networks))
+        reason = f"two networks would get the same interface name {duplicates[0]!r}"
+        raise LabelError(networks_label, value, reason)
+
+    _require_capability(request, configs, "portMappings", prefix + "ports")
+    _require_capability(request, configs, "bandwidth", prefix + "bandwidth")
+    return tuple(
+        _record(request, net, ifname, first=index == 0)
+        for index, (net, ifname) in enumerate(zip(configs, ifnames, strict=True))
+    )
+
+
+def declares(net: NetworkConfigList, capability: str) -> bool:
+    """Whether any plugin of ``net`` declares ``capability`` in its ``capabilities`` map."""
+    return any(bool(plugin.get("capabilities", {}).get(capability)) for plugin in net.plugins)
+
+
+def _find_network(conf: ConfDir, name: str, label: str) -> NetworkConfigList:
+    net = conf.networks.get(name)
+    if net is None:
+        known = ", ".join(sorted(conf.networks)) or "none"
+        raise LabelError(
+            label, name, f"no CNI network named {name!r} in the conf dir (known: {known})"
+        )
+    return net
+
+
+def _choose_ifnames(request: AttachRequest, configs: list[NetworkConfigList]) -> list[str]:
+    ifnames: list[str] = []
+    next_eth = 0
+    for ref, net in zip(request.networks, configs, strict=True):
+        if net.is_loopback:
+            ifnames.append(ref.ifname or "lo")
+            continue
+        ifnames.append(ref.ifname or f"eth{next_eth}")
+        next_eth += 1
+    return ifnames
+
+
+def _require_capability(
+    request: AttachRequest, configs: list[NetworkConfigList], capability: str, label: str
+) -> None:
+    value = request.labels.get(label)
+    if value is not None and not any(declares(net, capability) for net in configs):
+        reason = (
+            f"no plugin in the container's networks declares the {capability!r} capability; "
+            "add the plugin that provides it to the network's conflist"
+        )
+        raise LabelError(label, value, reason)
+
+
+def _record(
+    request: AttachRequest, net: NetworkConfigList, ifname: str, first: bool
+) -> NetworkRecord:
+    capability_args: dict[str, Any] = {}
+    args: list[tuple[str, str]] = []
+    if request.ports:
+        capability_args["portMappings"] = [port.to_capability() for port in request.ports]
+    if request.bandwidth:
+        capability_args["bandwidth"] = request.bandwidth.to_capability()
+    if first:
+        _static_address(request, net, capability_args, args)
+    return NetworkRecord(
+        name=net.name,
+        ifname=ifname,
+        config=net.to_dict(),
+        args=tuple(args),
+        capability_args=capability_args,
+    )
+
+
+def _static_address(
+    request: AttachRequest,
+    net: NetworkConfigList,
+    capability_args: dict[str, Any],
+    args: list[tuple[str, str]],
+) -> None:
+    # Plugins that declare the ips/mac capabilities read them from
+    # runtimeConfig; the rest (host-local among them) read IP= and MAC= from
+    # CNI_ARGS, and IgnoreUnknown=1 keeps plugins that know neither from failing.
+    fallback: list[tuple[str, str]] = []
+    if request.ip and declares(net, "ips"):
+        capability_args["ips"] = [request.ip]
+    elif request.ip:
+        fallback.append(("IP", request.ip.split("/")[0]))
+    if request.mac and declares(net, "mac"):
+        capability_args["mac"] = request.mac
+    elif request.mac:
+        fallback.append(("MAC", request.mac))
+    if fallback:
+        args.extend([("IgnoreUnknown", "1"), *fallback])
+
+
+def describe(records: tuple[NetworkRecord, ...]) -> Mapping[str, str]:
+    """Return network name -> interface name, for log lines."""
+    return {record.name: record.ifname for record in records}

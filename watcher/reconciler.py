@@ -1,0 +1,372 @@
+"""The reconciler: turns task events and containerd listings into attach and detach work.
+
+Work for one container runs in its own lane: operations on the same
+(namespace, container id) run one after another in arrival order, while
+different containers proceed in parallel up to a bound. Every operation reads
+the checkpoint first and acts on the difference between it and what it was
+asked for, so duplicate and stale events change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from watcher.attachment import Attacher, TaskGone
+from watcher.checkpoints import Checkpoint, CheckpointStore, NetworkRecord, Phase
+from watcher.cni import load_conf_dir
+from watcher.config import Config
+from watcher.containerd import ContainerdClient, Task, TaskEvent, TaskStatus
+from watcher.errors import (
+    CheckpointError,
+    CNIError,
+    ContainerdUnavailable,
+    LabelError,
+    NetnsError,
+    WatcherError,
+)
+from watcher.labels import parse_labels
+from watcher.plan import cni_container_id, plan_networks
+
+log = structlog.get_logger(__name__)
+
+TASK_START = "/tasks/start"
+TASK_DELETE = "/tasks/delete"
+
+ADD_ATTEMPTS = 5
+DEL_ATTEMPTS = 5
+RETRY_INITIAL_DELAY = 0.5
+RETRY_MAX_DELAY = 10.0
+
+# A permanently failed attach is tried again at a resync once this delay has
+# passed; it doubles with each failure up to the maximum.
+FAILED_RETRY_DELAY = 60.0
+FAILED_RETRY_MAX_DELAY = 3600.0
+
+# Task states in which the process exists and holds its network namespace.
+LIVE_STATUSES = (TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING)
+
+
+@dataclass(frozen=True)
+class ContainerKey:
+    """Identifies one container across containerd namespaces."""
+
+    namespace: str
+    container_id: str
+
+
+Operation = Callable[[ContainerKey, int], Awaitable[None]]
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` may go away if the same operation is tried again soon.
+
+    Transient are: containerd being unreachable, a plugin that timed out, and
+    a plugin error with CNI code 11 or a message about xtables lock
+    contention or a busy binary (see ``CNIError.transient``).
+    """
+    if isinstance(error, CNIError):
+        return error.transient
+    return isinstance(error, ContainerdUnavailable)
+
+
+class Reconciler:
+    """Schedules attach and detach operations in per-container lanes."""
+
+    def __init__(
+        self,
+        client: ContainerdClient,
+        attacher: Attacher,
+        store: CheckpointStore,
+        config: Config,
+        max_parallel: int = 16,
+    ) -> None:
+        self.client = client
+        self.attacher = attacher
+        self.store = store
+        self.config = config
+        self._slots = asyncio.Semaphore(max_parallel)
+        self._lanes: dict[ContainerKey, asyncio.Lock] = {}
+        self._lane_users: dict[ContainerKey, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Failed attaches per container: how many in a row, and the monotonic
+        # time before which a resync does not try again.
+        self._failures: dict[ContainerKey, tuple[int, float]] = {}
+
+    def watches(self, namespace: str) -> bool:
+        """Whether events from containerd ``namespace`` are handled."""
+        watched = self.config.containerd.namespaces
+        return not watched or namespace in watched
+
+    def submit(self, event: TaskEvent) -> None:
+        """Schedule the work that a task event calls for; returns at once."""
+        if not self.watches(event.namespace):
+            return
+        key = ContainerKey(event.namespace, event.container_id)
+        if event.topic == TASK_START:
+            self._schedule(self.ensure_attached, key, event.pid)
+        elif event.topic == TASK_DELETE and event.is_init:
+            self._schedule(self.ensure_detached, key, event.pid)
+        elif event.topic == TASK_DELETE:
+            log.debug(
+                "task.exec_delete_ignored",
+                namespace=event.namespace,
+                container_id=event.container_id,
+                exec_id=event.exec_id,
+            )
+
+    async def resync(self) -> None:
+        """Compare containerd's tasks with the checkpoints and schedule what differs.
+
+        Running opted-in tasks without an attachment are attached;
+        attachments whose task is gone or was replaced are detached.
+        """
+        checkpoints = self._scan_checkpoints()
+        namespaces = await self._namespaces(cp.namespace for cp in checkpoints)
+        tasks: dict[ContainerKey, Task] = {}
+        for namespace in namespaces:
+            for task in await self.client.list_tasks(namespace):
+                tasks[ContainerKey(namespace, task.container_id)] = task
+
+        for key in await self._opted_in(namespaces):
+            live = tasks.get(key)
+            if live is not None and live.status in LIVE_STATUSES:
+                self._schedule(self.ensure_attached, key, live.pid)
+        for checkpoint in checkpoints:
+            key = ContainerKey(checkpoint.namespace, checkpoint.container_id)
+            current = tasks.get(key)
+            if current is None or current.pid != checkpoint.pid:
+                self._schedule(self.ensure_detached, key, checkpoint.pid)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for scheduled work; returns whether all of it ended."""
+        pending = set(self._tasks)
+        if not pending:
+            return True
+        _, still_running = await asyncio.wait(pending, timeout=timeout)
+        for task in still_running:
+            task.cancel()
+        return not still_running
+
+    async def ensure_attached(self, key: ContainerKey, pid: int) -> None:
+        """Make the container's attachment match a task running with ``pid``."""
+        checkpoint = self._read_checkpoint(key)
+        if checkpoint is not None and checkpoint.pid == pid:
+            if checkpoint.phase == Phase.ATTACHED:
+                return
+            if checkpoint.phase == Phase.FAILED and not self._retry_due(key):
+                return
+        # An older task's attachment, or one interrupted mid-way: clean it first.
+        if checkpoint is not None and not await self._detach_with_retries(checkpoint):
+            return
+
+        records = await self._plan(key)
+        if records:
+            await self._attach_with_retries(key, pid, records)
+
+    async def ensure_detached(self, key: ContainerKey, pid: int) -> None:
+        """Detach the container if its checkpoint belongs to the task with ``pid``."""
+        checkpoint = self._read_checkpoint(key)
+        if checkpoint is None:
+            return
+        if checkpoint.pid != pid:
+            log.debug("task.delete_stale", pid=pid, checkpoint_pid=checkpoint.pid)
+            return
+        await self._detach_with_retries(checkpoint)
+
+    async def _plan(self, key: ContainerKey) -> tuple[NetworkRecord, ...]:
+        container = await self.client.get_container(key.namespace, key.container_id)
+        if container is None:
+            return ()
+        prefix = self.config.labels.prefix
+        request = parse_labels(container.labels, prefix, self.config.cni.default_networks)
+        if request is None:
+            log.debug("container.not_opted_in")
+            return ()
+
+        conf = load_conf_dir(self.config.cni.conf_dir)
+        for problem in conf.problems:
+            log.warning("cni.config_skipped", reason=problem)
+        return plan_networks(request, conf, prefix)
+
+    async def _attach_with_retries(
+        self, key: ContainerKey, pid: int, records: tuple[NetworkRecord, ...]
+    ) -> None:
+        async def confirm() -> bool:
+            task = await self.client.get_task(key.namespace, key.container_id)
+            return task is not None and task.pid == pid and task.status in LIVE_STATUSES
+
+        try:
+            async for attempt in _retrying(ADD_ATTEMPTS, "attach"):
+                with attempt:
+                    number = attempt.retry_state.attempt_number
+                    await self._clean_leftover(key)
+                    await self.attacher.attach(
+                        key.namespace, key.container_id, pid, records, confirm, number
+                    )
+            self._failures.pop(key, None)
+        except TaskGone as exc:
+            log.info("container.attach_skipped", reason=f"task exited: {exc}")
+        except (CNIError, NetnsError) as exc:
+            self._record_failure(key, pid, records, exc)
+
+    async def _clean_leftover(self, key: ContainerKey) -> None:
+        # A failed ADD whose cleanup DEL failed too leaves an attaching checkpoint.
+        leftover = self._read_checkpoint(key)
+        if leftover is not None:
+            await self._forget(leftover)
+
+    def _retry_due(self, key: ContainerKey) -> bool:
+        _, not_before = self._failures.get(key, (0, 0.0))
+        return time.monotonic() >= not_before
+
+    def _record_failure(
+        self, key: ContainerKey, pid: int, records: tuple[NetworkRecord, ...], exc: WatcherError
+    ) -> None:
+        count = self._failures.get(key, (0, 0.0))[0] + 1
+        delay = min(FAILED_RETRY_DELAY * 2 ** (count - 1), FAILED_RETRY_MAX_DELAY)
+        self._failures[key] = (count, time.monotonic() + delay)
+        log.error(
+            "container.attach_failed",
+            error=str(exc),
+            transient=is_transient(exc),
+            failures=count,
+            next_step=f"tried again at the first resync after {delay:.0f}s",
+        )
+        if self._read_checkpoint(key) is not None:
+            return  # the attaching checkpoint stays so a later run of DEL can clean it
+        self.store.write(
+            Checkpoint(
+                namespace=key.namespace,
+                container_id=key.container_id,
+                cni_container_id=cni_container_id(key.namespace, key.container_id),
+                pid=pid,
+                netns="",
+                phase=Phase.FAILED,
+                networks=records,
+                error=str(exc),
+            )
+        )
+
+    async def _detach_with_retries(self, checkpoint: Checkpoint) -> bool:
+        try:
+            async for attempt in _retrying(DEL_ATTEMPTS, "detach", retry_all=True):
+                with attempt:
+                    await self._forget(checkpoint)
+        except (CNIError, NetnsError) as exc:
+            log.error("container.detach_failed", error=str(exc), next_step="retried at next resync")
+            return False
+        return True
+
+    async def _forget(self, checkpoint: Checkpoint) -> None:
+        self._failures.pop(ContainerKey(checkpoint.namespace, checkpoint.container_id), None)
+        if checkpoint.phase == Phase.FAILED:
+            # A failed ADD was already cleaned with DEL; only the marker is left.
+            self.store.remove(checkpoint.namespace, checkpoint.container_id)
+            return
+        await self.attacher.detach(checkpoint)
+
+    def _read_checkpoint(self, key: ContainerKey) -> Checkpoint | None:
+        try:
+            return self.store.read(key.namespace, key.container_id)
+        except CheckpointError as exc:
+            self._quarantine(self.store.path(key.namespace, key.container_id), exc)
+            return None
+
+    def _scan_checkpoints(self) -> list[Checkpoint]:
+        checkpoints = []
+        for path, item in self.store.scan():
+            if isinstance(item, CheckpointError):
+                self._quarantine(path, item)
+            else:
+                checkpoints.append(item)
+        return checkpoints
+
+    def _quarantine(self, path: Path, exc: CheckpointError) -> None:
+        target = self.store.quarantine(path)
+        log.error("checkpoint.corrupt", path=str(path), moved_to=str(target), error=str(exc))
+
+    async def _opted_in(self, namespaces: Iterable[str]) -> list[ContainerKey]:
+        prefix = self.config.labels.prefix
+        opt_in_labels = (prefix + "networks", prefix + "enabled")
+        keys = []
+        for namespace in filter(self.watches, namespaces):
+            for container in await self.client.list_containers(namespace):
+                if any(label in container.labels for label in opt_in_labels):
+                    keys.append(ContainerKey(namespace, container.id))
+        return keys
+
+    async def _namespaces(self, extra: Iterable[str]) -> list[str]:
+        configured = self.config.containerd.namespaces
+        listed = list(configured) if configured else await self.client.list_namespaces()
+        return sorted(set(listed) | set(extra))
+
+    def _schedule(self, operation: Operation, key: ContainerKey, pid: int) -> None:
+        work = functools.partial(operation, key, pid)
+        task = asyncio.get_running_loop().create_task(self._run_in_lane(key, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_in_lane(self, key: ContainerKey, work: Callable[[], Awaitable[None]]) -> None:
+        lane = self._lanes.setdefault(key, asyncio.Lock())
+        self._lane_users[key] = self._lane_users.get(key, 0) + 1
+        try:
+            async with lane, self._slots:
+                structlog.contextvars.bind_contextvars(
+                    namespace=key.namespace, container_id=key.container_id
+                )
+                await self._run_logged(work)
+        finally:
+            self._lane_users[key] -= 1
+            if self._lane_users[key] == 0:
+                del self._lane_users[key], self._lanes[key]
+
+    async def _run_logged(self, work: Callable[[], Awaitable[None]]) -> None:
+        # The lane is the boundary where errors stop: one container's failure
+        # must never stop the daemon from serving the others.
+        try:
+            await work()
+        except LabelError as exc:
+            log.error(
+                "container.label_invalid", label=exc.label, value=exc.value, reason=exc.reason
+            )
+        except ContainerdUnavailable as exc:
+            log.warning("container.deferred", reason=str(exc), next_step="retried at next resync")
+        except WatcherError as exc:
+            log.error("container.error", error=str(exc))
+        except Exception:
+            log.exception("container.unexpected_error")
+
+
+def _retrying(attempts: int, operation: str, retry_all: bool = False) -> AsyncRetrying:
+    def log_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            f"container.{operation}_retry",
+            attempt=state.attempt_number,
+            delay_s=round(delay, 2),
+            error=str(error),
+        )
+
+    retry_on = (lambda exc: isinstance(exc, WatcherError)) if retry_all else is_transient
+    return AsyncRetrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential_jitter(initial=RETRY_INITIAL_DELAY, max=RETRY_MAX_DELAY),
+        retry=retry_if_exception(retry_on),
+        before_sleep=log_retry,
+        reraise=True,
+    )
