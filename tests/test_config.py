@@ -28,6 +28,9 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     """An empty file is valid and yields the documented defaults."""
     config = load_config(write(tmp_path, ""))
 
+    assert config.daemon.resync_interval == 300.0
+    assert config.daemon.max_parallel == 16
+    assert config.daemon.shutdown_timeout == 30.0
     assert config.containerd.address == "/run/containerd/containerd.sock"
     assert config.containerd.namespaces == ()
     assert config.cni.conf_dir == Path("/etc/cni/net.d")
@@ -46,6 +49,10 @@ def test_values_override_defaults(tmp_path: Path) -> None:
         write(
             tmp_path,
             """
+            [daemon]
+            resync_interval = "1m"
+            max_parallel = 4
+            shutdown_timeout = "10s"
             [containerd]
             address = "/tmp/c.sock"
             namespaces = ["example", "ci-runners"]
@@ -63,6 +70,9 @@ def test_values_override_defaults(tmp_path: Path) -> None:
         )
     )
 
+    assert config.daemon.resync_interval == 60.0
+    assert config.daemon.max_parallel == 4
+    assert config.daemon.shutdown_timeout == 10.0
     assert config.containerd.namespaces == ("example", "ci-runners")
     assert config.cni.bin_dirs == (Path("/srv/cni"),)
     assert config.cni.default_networks == ("mynet", "lo")

@@ -74,9 +74,19 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class DaemonSettings:
+    """How often to resync, how much work to run at once, how long to wait at shutdown."""
+
+    resync_interval: float = 300.0
+    max_parallel: int = 16
+    shutdown_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated cni-watcher config."""
 
+    daemon: DaemonSettings = DaemonSettings()
     containerd: ContainerdSettings = ContainerdSettings()
     cni: CNISettings = CNISettings()
     state: StateSettings = StateSettings()
@@ -108,8 +118,9 @@ def load_config(path: Path) -> Config:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Build a Config from the parsed TOML document; raises ConfigError."""
-    _reject_unknown(data, "", ("containerd", "cni", "state", "labels", "log"))
+    _reject_unknown(data, "", ("daemon", "containerd", "cni", "state", "labels", "log"))
     return Config(
+        daemon=_parse_daemon(_section(data, "daemon")),
         containerd=_parse_containerd(_section(data, "containerd")),
         cni=_parse_cni(_section(data, "cni")),
         state=_parse_state(_section(data, "state")),
@@ -132,6 +143,18 @@ def parse_duration(text: str) -> float:
 def is_identifier(text: str) -> bool:
     """Whether ``text`` is a valid containerd namespace name or container id."""
     return len(text) <= IDENTIFIER_MAX_LEN and IDENTIFIER_RE.fullmatch(text) is not None
+
+
+def _parse_daemon(section: Mapping[str, Any]) -> DaemonSettings:
+    _reject_unknown(section, "daemon.", ("resync_interval", "max_parallel", "shutdown_timeout"))
+    defaults = DaemonSettings()
+
+    interval = _get(section, "daemon.resync_interval", defaults.resync_interval, _positive_duration)
+    max_parallel = _get(section, "daemon.max_parallel", defaults.max_parallel, _positive_int)
+    shutdown = _get(
+        section, "daemon.shutdown_timeout", defaults.shutdown_timeout, _positive_duration
+    )
+    return DaemonSettings(interval, max_parallel, shutdown)
 
 
 def _parse_containerd(section: Mapping[str, Any]) -> ContainerdSettings:
@@ -246,6 +269,12 @@ def _positive_duration(value: Any) -> float:
     if seconds <= 0:
         raise ValueError("expected a duration above zero")
     return seconds
+
+
+def _positive_int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
 
 
 def _choice(allowed: tuple[str, ...]) -> Callable[[Any], str]:

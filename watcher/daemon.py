@@ -28,9 +28,6 @@ log = structlog.get_logger(__name__)
 
 RECONNECT_INITIAL_DELAY = 0.5
 RECONNECT_MAX_DELAY = 30.0
-RESYNC_INTERVAL = 300.0
-# How long SIGTERM waits for in-flight attach and detach operations.
-SHUTDOWN_GRACE = 30.0
 
 
 class Daemon:
@@ -45,7 +42,9 @@ class Daemon:
             store,
             NetnsPins(config.state.netns_dir),
         )
-        self.reconciler = Reconciler(self.client, attacher, store, config)
+        self.reconciler = Reconciler(
+            self.client, attacher, store, config, max_parallel=config.daemon.max_parallel
+        )
         self._connected = asyncio.Event()
 
     async def run(self) -> int:
@@ -62,11 +61,11 @@ class Daemon:
         ]
         await stop.wait()
 
-        log.info("daemon.stopping", in_flight=len(self.reconciler._tasks))
+        log.info("daemon.stopping", in_flight=self.reconciler.in_flight)
         for worker in workers:
             worker.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        finished = await self.reconciler.drain(SHUTDOWN_GRACE)
+        finished = await self.reconciler.drain(self.config.daemon.shutdown_timeout)
         await self.client.close()
         log.info("daemon.stopped", drained=finished)
         return 0
@@ -105,7 +104,7 @@ class Daemon:
 
     async def _resync_periodically(self) -> None:
         while True:
-            await asyncio.sleep(RESYNC_INTERVAL)
+            await asyncio.sleep(self.config.daemon.resync_interval)
             if not self._connected.is_set():
                 continue
             try:

@@ -106,6 +106,11 @@ class Reconciler:
         # time before which a resync does not try again.
         self._failures: dict[ContainerKey, tuple[int, float]] = {}
 
+    @property
+    def in_flight(self) -> int:
+        """The number of scheduled operations that have not finished."""
+        return len(self._tasks)
+
     def watches(self, namespace: str) -> bool:
         """Whether events from containerd ``namespace`` are handled."""
         watched = self.config.containerd.namespaces
