@@ -86,6 +86,9 @@ def test_values_override_defaults(tmp_path: Path) -> None:
     [
         ('[cni]\nplugin_timeout = "soon"', "cni.plugin_timeout: 'soon'"),
         ('[cni]\nplugin_timeout = "0s"', "above zero"),
+        ("[daemon]\nmax_parallel = 0", "daemon.max_parallel: 0"),
+        ("[daemon]\nmax_parallel = true", "at least 1"),
+        ('[daemon]\nresync_interval = "often"', "daemon.resync_interval"),
         ("[cni]\nplugin_timeout = 30", "cni.plugin_timeout: 30"),
         ('[cni]\nconf_dri = "/x"', "unknown key cni.conf_dri"),
         ("[cnii]\n", "unknown key cnii"),
