@@ -3,12 +3,17 @@
 Everything here lives below one temporary folder: containerd's socket, root
 and state, the CNI conf dir and IPAM leases, the daemon's checkpoints and
 pins. The only host-wide things the tests create are the reference bridge
-``cni0`` with its NAT rules and the containers' veths, and the leak checks
-look for exactly those.
+with its NAT rules and the containers' veths, and the leak checks look for
+exactly those.
+
+The bridge is ``cni0`` on 10.22.0.0/16 as in the reference config. Set
+CNIW_TEST_BRIDGE and CNIW_TEST_SUBNET to run two suites side by side on one
+host without sharing a bridge.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -26,8 +31,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_CONF_DIR = REPO / "config" / "net.d"
 CNI_BIN_DIR = Path("/usr/lib/cni")
-BRIDGE = "cni0"
-SUBNET_PREFIX = "10.22."
+REFERENCE_BRIDGE = "cni0"
+REFERENCE_SUBNET = "10.22.0.0/16"
+BRIDGE = os.environ.get("CNIW_TEST_BRIDGE", REFERENCE_BRIDGE)
+SUBNET = ipaddress.ip_network(os.environ.get("CNIW_TEST_SUBNET", REFERENCE_SUBNET))
 
 COMMANDS = (
     "containerd",
@@ -238,10 +245,19 @@ class WatcherEnv:
         self.write_config()
 
     def write_network(self, filename: str, network: dict[str, Any]) -> None:
-        """Write a CNI config, pointing host-local at this environment's lease folder."""
-        ipam = network.get("ipam")
-        if isinstance(ipam, dict) and ipam.get("type") == "host-local":
-            ipam["dataDir"] = str(self.lease_dir)
+        """Write a CNI config with host-local leases in this environment's folder.
+
+        The reference bridge and subnet are replaced by the suite's BRIDGE and
+        SUBNET; in a .conflist every plugin is adjusted the same way.
+        """
+        for plugin in network.get("plugins", [network]):
+            if plugin.get("bridge") == REFERENCE_BRIDGE:
+                plugin["bridge"] = BRIDGE
+            ipam = plugin.get("ipam")
+            if isinstance(ipam, dict) and ipam.get("type") == "host-local":
+                ipam["dataDir"] = str(self.lease_dir)
+                if ipam.get("subnet") == REFERENCE_SUBNET:
+                    ipam["subnet"] = str(SUBNET)
         (self.conf_dir / filename).write_text(json.dumps(network, indent=2))
 
     def write_config(self) -> None:

@@ -6,6 +6,7 @@ import ipaddress
 import socket
 
 from tests.integration.harness import (
+    SUBNET,
     Daemon,
     WatcherEnv,
     assert_no_leaks,
@@ -20,7 +21,6 @@ from tests.integration.harness import (
 NETWORKS = {"cni-watcher/networks": "mynet,lo"}
 HTTP_PORT = 8080
 SERVE_HTTP = ("httpd", "-f", "-p", str(HTTP_PORT), "-h", "/www")
-REFERENCE_SUBNET = ipaddress.ip_network("10.22.0.0/16")
 
 
 def test_labelled_container_gets_eth0_and_lo(env: WatcherEnv, daemon: Daemon) -> None:
@@ -31,7 +31,7 @@ def test_labelled_container_gets_eth0_and_lo(env: WatcherEnv, daemon: Daemon) ->
     addresses = container_addresses(pid, "eth0")
     assert len(addresses) == 1
     address = ipaddress.ip_interface(addresses[0])
-    assert address.ip in REFERENCE_SUBNET
+    assert address.ip in SUBNET
     assert "UP" in container_links(pid)["lo"].split(",")
     assert [net["ifname"] for net in checkpoint["networks"]] == ["eth0", "lo"]
     assert checkpoint["cni_container_id"] == "example--web"
