@@ -63,6 +63,21 @@ def test_from_dict_conflist_keeps_plugin_order() -> None:
     assert not net.disable_check
 
 
+def test_required_plugin_types_include_ipam() -> None:
+    """Required types are the plugins and their IPAM plugins, each once, in list order."""
+    data = {
+        **PORTMAP_LIST,
+        "plugins": [
+            *PORTMAP_LIST["plugins"],
+            {"type": "ptp", "ipam": {"type": "host-local"}},
+            {"type": "tuning", "ipam": "not an object"},
+        ],
+    }
+    net = NetworkConfigList.from_dict(data, source="test")
+
+    assert net.required_plugin_types == ("bridge", "host-local", "portmap", "ptp", "tuning")
+
+
 def test_from_dict_loopback_is_loopback() -> None:
     """A list of only loopback plugins reports is_loopback."""
     net = NetworkConfigList.from_dict(LOOPBACK_CONF, source="99-lo.conf")

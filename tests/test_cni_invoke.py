@@ -282,7 +282,7 @@ async def test_invoke_cancel_kills_child(bin_dir: Path, record: Path) -> None:
         ({"netns": ""}, "missing netns"),
         ({"args": (("K", "a;b"),)}, "invalid CNI_ARGS"),
         ({"args": (("K=1", "v"),)}, "invalid CNI_ARGS"),
-        ({"command": "VERSION"}, "invalid CNI command"),
+        ({"command": "UP"}, "invalid CNI command"),
     ],
 )
 async def test_invoke_invalid_request_not_run(

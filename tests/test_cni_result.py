@@ -76,9 +76,7 @@ def test_parse_020_ip4_and_ip6() -> None:
         ),
         Route(dst=ipaddress.ip_network("::/0")),
     )
-    assert result.dns == DNS(
-        nameservers=("10.22.0.1",), domain="example.test", search=("a.test",)
-    )
+    assert result.dns == DNS(nameservers=("10.22.0.1",), domain="example.test", search=("a.test",))
     assert result.addresses() == ["10.22.0.5/16", "fd00::5/64"]
 
 

@@ -20,7 +20,13 @@ import pytest
 from tests.cni_fakes import read_records, write_fake_plugin
 from watcher.cni.conf import NetworkConfigList
 from watcher.cni.runtime import CNIRuntime, RuntimeConf
-from watcher.errors import CNIError, ConfigError, PluginError, PluginNotFoundError
+from watcher.errors import (
+    CNIError,
+    ConfigError,
+    PluginError,
+    PluginNotFoundError,
+    PluginVersionError,
+)
 
 RESULT_100 = {
     "cniVersion": "1.0.0",
@@ -305,6 +311,180 @@ async def test_check_before_040_raises(bin_dir: Path, record: Path) -> None:
 
     with pytest.raises(CNIError, match="0.4.0"):
         await runtime.check_network(three_plugin_list("0.3.1"), RT, prev_result=RESULT_100)
+
+    assert read_records(record) == []
+
+
+def version_probes(record: Path) -> list[dict[str, Any]]:
+    """Return the VERSION calls in ``record``, oldest first."""
+    calls = read_records(record, version_calls=True)
+    return [call for call in calls if call["env"]["CNI_COMMAND"] == "VERSION"]
+
+
+async def test_add_probes_versions_before_add(bin_dir: Path, record: Path) -> None:
+    """ADD runs each plugin with VERSION and the list's cniVersion before the first ADD."""
+    runtime = CNIRuntime([bin_dir], timeout=10)
+
+    await runtime.add_network(three_plugin_list("0.4.0"), RT)
+
+    calls = read_records(record, version_calls=True)
+    commands = [(call["type"], call["env"]["CNI_COMMAND"]) for call in calls]
+    assert commands[:3] == [("first", "VERSION"), ("second", "VERSION"), ("third", "VERSION")]
+    assert [command for _, command in commands[3:]] == ["ADD"] * 3
+    assert [call["stdin"] for call in calls[:3]] == [{"cniVersion": "0.4.0"}] * 3
+
+
+async def test_probe_cached_per_binary(bin_dir: Path, record: Path) -> None:
+    """A second ADD, and two ADDs at once, run no further VERSION calls."""
+    runtime = CNIRuntime([bin_dir], timeout=10)
+    other = RuntimeConf(container_id="other", netns=RT.netns, ifname="eth0")
+
+    await asyncio.gather(
+        runtime.add_network(three_plugin_list("1.0.0"), RT),
+        runtime.add_network(three_plugin_list("1.0.0"), other),
+    )
+    await runtime.add_network(three_plugin_list("1.0.0"), RT)
+
+    assert sorted(call["type"] for call in version_probes(record)) == ["first", "second", "third"]
+    assert len(read_records(record)) == 9
+
+
+async def test_probe_repeated_after_binary_changes(bin_dir: Path, record: Path) -> None:
+    """A plugin binary replaced after its probe is asked again before its next use."""
+    runtime = CNIRuntime([bin_dir], timeout=10)
+    net = three_plugin_list("1.0.0")
+    await runtime.add_network(net, RT)
+
+    write_fake_plugin(bin_dir, "second", record, supported_versions=["0.4.0"])
+    with pytest.raises(PluginVersionError):
+        await runtime.add_network(net, RT)
+
+    assert [call["type"] for call in version_probes(record)] == [
+        "first",
+        "second",
+        "third",
+        "second",
+    ]
+
+
+async def test_add_unsupported_version_runs_nothing(bin_dir: Path, record: Path) -> None:
+    """A plugin without the list's cniVersion fails ADD with a message that names the fix."""
+    write_fake_plugin(bin_dir, "third", record, supported_versions=["0.3.1", "0.4.0"])
+    runtime = CNIRuntime([bin_dir], timeout=10)
+
+    with pytest.raises(PluginVersionError) as excinfo:
+        await runtime.add_network(three_plugin_list("1.0.0"), RT)
+
+    error = excinfo.value
+    assert error.plugin == "third"
+    assert error.path == str(bin_dir / "third")
+    assert error.cni_version == "1.0.0"
+    assert error.supported == ("0.3.1", "0.4.0")
+    assert str(error) == (
+        f"network 'testnet' has cniVersion 1.0.0, but CNI plugin 'third' at {bin_dir / 'third'} "
+        "supports only 0.3.1, 0.4.0: set the network's cniVersion to one of those, "
+        "or install a third plugin that supports 1.0.0"
+    )
+    assert read_records(record) == []
+
+
+async def test_add_ipam_plugin_probed(bin_dir: Path, record: Path) -> None:
+    """The IPAM plugin a plugin delegates to must be installed and support the version too."""
+    net = make_list("1.0.0", [{"type": "first", "ipam": {"type": "ipam"}}])
+    runtime = CNIRuntime([bin_dir], timeout=10)
+
+    with pytest.raises(PluginNotFoundError, match="plugin 'ipam' of network 'testnet' not found"):
+        await runtime.add_network(net, RT)
+    write_fake_plugin(bin_dir, "ipam", record, supported_versions=["0.4.0"])
+    with pytest.raises(PluginVersionError, match="plugin 'ipam'"):
+        await runtime.add_network(net, RT)
+
+    assert [call["type"] for call in version_probes(record)] == ["first", "ipam"]
+    assert read_records(record) == []
+
+
+async def test_probe_legacy_plugin_supports_010(bin_dir: Path, record: Path) -> None:
+    """A plugin that rejects VERSION as unknown supports 0.1.0 only, as libcni assumes."""
+    unknown = json.dumps({"code": 4, "msg": "unknown CNI_COMMAND: VERSION"})
+    write_fake_plugin(bin_dir, "old", record, stdout={"VERSION": unknown}, exit_code=1)
+    runtime = CNIRuntime([bin_dir], timeout=10)
+
+    with pytest.raises(PluginVersionError) as excinfo:
+        await runtime.add_network(make_list("0.2.0", [{"type": "old"}]), RT)
+
+    assert excinfo.value.supported == ("0.1.0",)
+
+
+async def test_probe_020_output_without_list(bin_dir: Path, record: Path) -> None:
+    """VERSION output of 0.2.0 without supportedVersions means 0.1.0 and 0.2.0."""
+    output = {"VERSION": json.dumps({"cniVersion": "0.2.0"}), "ADD": json.dumps(RESULT_020)}
+    write_fake_plugin(bin_dir, "old", record, stdout=output)
+    runtime = CNIRuntime([bin_dir], timeout=10)
+
+    result = await runtime.add_network(make_list("0.2.0", [{"type": "old"}]), RT)
+    with pytest.raises(PluginVersionError) as excinfo:
+        await runtime.add_network(make_list("0.3.1", [{"type": "old"}]), RT)
+
+    assert result.addresses() == ["10.98.0.2/24"]
+    assert excinfo.value.supported == ("0.1.0", "0.2.0")
+
+
+@pytest.mark.parametrize(
+    ("output", "exit_code", "message"),
+    [
+        ("", 0, "invalid VERSION output: the plugin printed nothing"),
+        ("{}", 0, "invalid VERSION output: cniVersion is missing"),
+        ('{"cniVersion": "1.0.0"}', 0, "supportedVersions is missing"),
+        ('{"cniVersion": "1.0.0", "supportedVersions": "1.0.0"}', 0, "not a list"),
+        ('{"code": 7, "msg": "broken"}', 1, "VERSION of plugin 'first'.*broken"),
+    ],
+)
+async def test_probe_failure_raises_plugin_error(
+    bin_dir: Path, record: Path, output: str, exit_code: int, message: str
+) -> None:
+    """A VERSION call that fails or prints no usable list raises PluginError and runs no ADD."""
+    write_fake_plugin(bin_dir, "first", record, stdout={"VERSION": output}, exit_code=exit_code)
+    runtime = CNIRuntime([bin_dir], timeout=10)
+
+    with pytest.raises(PluginError, match=message) as excinfo:
+        await runtime.add_network(three_plugin_list("1.0.0"), RT)
+
+    assert excinfo.value.command == "VERSION"
+    assert excinfo.value.plugin == "first"
+    assert read_records(record) == []
+
+
+async def test_probe_failure_not_cached(bin_dir: Path, record: Path) -> None:
+    """A VERSION call that failed is made again at the next ADD."""
+    write_fake_plugin(bin_dir, "first", record, stdout={"VERSION": "{}"})
+    runtime = CNIRuntime([bin_dir], timeout=10)
+    with pytest.raises(PluginError):
+        await runtime.add_network(three_plugin_list("1.0.0"), RT)
+
+    write_fake_plugin(bin_dir, "first", record, stdout={"ADD": json.dumps(RESULT_100)})
+    await runtime.add_network(three_plugin_list("1.0.0"), RT)
+
+    assert [call["type"] for call in version_probes(record)][:2] == ["first", "first"]
+
+
+async def test_del_runs_no_probe(bin_dir: Path, record: Path) -> None:
+    """DEL runs even when a plugin lacks the list's version, and makes no VERSION call."""
+    write_fake_plugin(bin_dir, "second", record, supported_versions=["0.4.0"])
+    runtime = CNIRuntime([bin_dir], timeout=10)
+
+    await runtime.del_network(three_plugin_list("1.0.0"), RT, prev_result=RESULT_100)
+
+    assert version_probes(record) == []
+    assert [call["type"] for call in read_records(record)] == ["third", "second", "first"]
+
+
+async def test_check_probes_versions(bin_dir: Path, record: Path) -> None:
+    """CHECK fails before any plugin runs when a plugin lacks the list's version."""
+    write_fake_plugin(bin_dir, "first", record, supported_versions=["0.4.0"])
+    runtime = CNIRuntime([bin_dir], timeout=10)
+
+    with pytest.raises(PluginVersionError, match="plugin 'first'"):
+        await runtime.check_network(three_plugin_list("1.0.0"), RT, prev_result=RESULT_100)
 
     assert read_records(record) == []
 

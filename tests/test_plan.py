@@ -116,6 +116,14 @@ def test_static_ip_through_cni_args(conf: ConfDir) -> None:
     assert records[1].args == ()
 
 
+def test_static_ip_skips_loopback_first(conf: ConfDir) -> None:
+    """The address goes to the first non-loopback network when lo is listed first."""
+    records = plan_networks(request("lo", "mynet", ip="10.22.0.50"), conf, PREFIX)
+
+    assert records[0].args == ()
+    assert records[1].args == (("IgnoreUnknown", "1"), ("IP", "10.22.0.50"))
+
+
 def test_static_ip_through_capability(conf: ConfDir) -> None:
     """For plugins that declare ips and mac, both go into runtimeConfig."""
     records = plan_networks(

@@ -10,6 +10,7 @@ the CLI and the daemon's per-container lanes catch that one class::
     │   └── ContainerdUnavailable   containerd is not reachable right now
     ├── CNIError               running a CNI plugin failed
     │   ├── PluginNotFoundError     no plugin binary of that type in bin_dirs
+    │   ├── PluginVersionError      the plugin does not support the network's cniVersion
     │   ├── PluginError             the plugin exited non-zero or wrote bad output
     │   ├── PluginTimeoutError      the plugin did not finish before its deadline
     │   └── InvalidResultError      a CNI result cannot be parsed or converted
@@ -74,6 +75,27 @@ class CNIError(WatcherError):
 
 class PluginNotFoundError(CNIError):
     """Raised when no executable for a plugin type is found in ``bin_dirs``."""
+
+
+class PluginVersionError(CNIError):
+    """Raised when a plugin binary does not support the cniVersion of the network that uses it.
+
+    The runtime raises it before any plugin of the network runs ADD.
+    """
+
+    def __init__(
+        self, *, network: str, plugin: str, path: str, cni_version: str, supported: tuple[str, ...]
+    ) -> None:
+        super().__init__(
+            f"network {network!r} has cniVersion {cni_version}, but CNI plugin {plugin!r} "
+            f"at {path} supports only {', '.join(supported)}: set the network's cniVersion "
+            f"to one of those, or install a {plugin} plugin that supports {cni_version}"
+        )
+        self.network = network
+        self.plugin = plugin
+        self.path = path
+        self.cni_version = cni_version
+        self.supported = supported
 
 
 class PluginError(CNIError):

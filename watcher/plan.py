@@ -30,8 +30,10 @@ def plan_networks(request: AttachRequest, conf: ConfDir, prefix: str) -> tuple[N
 
     The first non-loopback network gets ``eth0``, the next ``eth1``, and
     loopback-type networks get ``lo``, unless the label names an interface.
-    Raises LabelError for an unknown network, a clash of interface names, or
-    ports or bandwidth that no plugin of the container's networks can apply.
+    The static address and MAC address from the labels go to the first
+    non-loopback network only. Raises LabelError for an unknown network, a
+    clash of interface names, or ports or bandwidth that no plugin of the
+    container's networks can apply.
     """
     networks_label = prefix + "networks"
     configs = [_find_network(conf, ref.name, networks_label) for ref in request.networks]
@@ -44,8 +46,11 @@ def plan_networks(request: AttachRequest, conf: ConfDir, prefix: str) -> tuple[N
 
     _require_capability(request, configs, "portMappings", prefix + "ports")
     _require_capability(request, configs, "bandwidth", prefix + "bandwidth")
+    # The ip and mac labels are meant for the first non-loopback network, so
+    # a loopback network listed first does not take them.
+    static_index = next((i for i, net in enumerate(configs) if not net.is_loopback), 0)
     return tuple(
-        _record(request, net, ifname, first=index == 0)
+        _record(request, net, ifname, with_static=index == static_index)
         for index, (net, ifname) in enumerate(zip(configs, ifnames, strict=True))
     )
 
@@ -90,7 +95,7 @@ def _require_capability(
 
 
 def _record(
-    request: AttachRequest, net: NetworkConfigList, ifname: str, first: bool
+    request: AttachRequest, net: NetworkConfigList, ifname: str, with_static: bool
 ) -> NetworkRecord:
     capability_args: dict[str, Any] = {}
     args: list[tuple[str, str]] = []
@@ -98,7 +103,7 @@ def _record(
         capability_args["portMappings"] = [port.to_capability() for port in request.ports]
     if request.bandwidth:
         capability_args["bandwidth"] = request.bandwidth.to_capability()
-    if first:
+    if with_static:
         _static_address(request, net, capability_args, args)
     return NetworkRecord(
         name=net.name,

@@ -86,6 +86,23 @@ class NetworkConfigList:
         return tuple(str(plugin["type"]) for plugin in self.plugins)
 
     @property
+    def required_plugin_types(self) -> tuple[str, ...]:
+        """Each plugin type the list runs, once, in order: its plugins and their IPAM plugins.
+
+        A plugin runs the IPAM plugin named in its ``ipam.type`` itself, and
+        finds it through ``CNI_PATH``, so that binary has to be in the bin dirs
+        and support the list's version too.
+        """
+        types: list[str] = []
+        for plugin in self.plugins:
+            ipam = plugin.get("ipam")
+            ipam_type = ipam.get("type") if isinstance(ipam, Mapping) else None
+            for plugin_type in (plugin["type"], ipam_type):
+                if isinstance(plugin_type, str) and plugin_type and plugin_type not in types:
+                    types.append(plugin_type)
+        return tuple(types)
+
+    @property
     def is_loopback(self) -> bool:
         """Whether every plugin in the list is of type ``loopback``."""
         return all(plugin_type == "loopback" for plugin_type in self.plugin_types)
@@ -99,9 +116,7 @@ class ConfDir:
     were read. Each entry of ``problems`` names a skipped file and the reason.
     """
 
-    networks: Mapping[str, NetworkConfigList] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    networks: Mapping[str, NetworkConfigList] = field(default_factory=lambda: MappingProxyType({}))
     problems: tuple[str, ...] = ()
 
 
@@ -160,9 +175,7 @@ def load_conf_file(path: Path) -> NetworkConfigList:
 def _list_conf_files(conf_dir: Path) -> list[Path]:
     """Return the config files in ``conf_dir``, sorted by name, without subfolders."""
     paths = [
-        path
-        for path in conf_dir.iterdir()
-        if path.suffix in CONF_EXTENSIONS and not path.is_dir()
+        path for path in conf_dir.iterdir() if path.suffix in CONF_EXTENSIONS and not path.is_dir()
     ]
     return sorted(paths, key=lambda path: path.name)
 

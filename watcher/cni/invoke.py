@@ -37,7 +37,12 @@ DEFAULT_KILL_GRACE = 2.0
 STDERR_KEEP_CHARS = 4096
 STDERR_MESSAGE_CHARS = 300
 
-COMMANDS = ("ADD", "DEL", "CHECK")
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION")
+
+# CNI_NETNS and CNI_IFNAME of a VERSION call. The command reads neither, but
+# plugins built with old versions of the CNI skel package reject a call
+# without them, so libcni sends placeholders too.
+VERSION_PLACEHOLDER = "dummy"
 
 # Linux limits interface names to IFNAMSIZ - 1 = 15 bytes.
 MAX_IFNAME_LENGTH = 15
@@ -105,6 +110,22 @@ async def invoke_plugin(
     return _read_output(completed, request)
 
 
+def version_request(plugin_type: str, network: str, cni_version: str) -> PluginRequest:
+    """Return the VERSION call that requests the spec versions a plugin supports.
+
+    The config on stdin holds only ``cniVersion``. The call has no container.
+    """
+    return PluginRequest(
+        command="VERSION",
+        network=network,
+        plugin_type=plugin_type,
+        config={"cniVersion": cni_version},
+        container_id="",
+        netns=VERSION_PLACEHOLDER,
+        ifname=VERSION_PLACEHOLDER,
+    )
+
+
 def validate_request(request: PluginRequest) -> None:
     """Raise CNIError unless the request's values are safe to pass to a plugin.
 
@@ -112,10 +133,13 @@ def validate_request(request: PluginRequest) -> None:
     digits, '_', '.' and '-', an interface name that Linux accepts, and
     ``CNI_ARGS`` keys and values that the ``K=V;K=V`` form can carry. The
     netns may be empty only for DEL, because after a reboot the namespace is
-    gone but the plugins must still release their resources.
+    gone but the plugins must still release their resources. VERSION has no
+    container, so its container ID, netns and interface name are not checked.
     """
     if request.command not in COMMANDS:
         raise CNIError(f"invalid CNI command {request.command!r}: expected one of {COMMANDS}")
+    if request.command == "VERSION":
+        return
     if not _CONTAINER_ID_PATTERN.match(request.container_id):
         raise CNIError(
             f"invalid container ID {request.container_id!r}: expected a letter or digit, "
@@ -144,10 +168,11 @@ def _validate_ifname(ifname: str) -> None:
         )
 
 
-def find_plugin(plugin_type: str, bin_dirs: Sequence[Path]) -> Path:
+def find_plugin(plugin_type: str, bin_dirs: Sequence[Path], network: str = "") -> Path:
     """Return the first executable file named ``plugin_type`` in ``bin_dirs``.
 
-    Raises PluginNotFoundError naming the type and every folder searched.
+    Raises PluginNotFoundError naming the type, the ``network`` that needs it
+    when given, and every folder searched.
     """
     if is_safe_plugin_type(plugin_type):
         for bin_dir in bin_dirs:
@@ -156,8 +181,9 @@ def find_plugin(plugin_type: str, bin_dirs: Sequence[Path]) -> Path:
                 return candidate
 
     searched = ", ".join(str(bin_dir) for bin_dir in bin_dirs) or "(no bin dirs configured)"
+    of_network = f" of network {network!r}" if network else ""
     raise PluginNotFoundError(
-        f"CNI plugin {plugin_type!r} not found in {searched}: install it there "
+        f"CNI plugin {plugin_type!r}{of_network} not found in {searched}: install it there "
         "or fix the plugin type in the network config"
     )
 
@@ -366,9 +392,7 @@ def _describe_exit(returncode: int) -> str:
     return f"plugin exited with status {returncode} and wrote no error message"
 
 
-def _plugin_error(
-    request: PluginRequest, code: int, msg: str, stderr: bytes = b""
-) -> PluginError:
+def _plugin_error(request: PluginRequest, code: int, msg: str, stderr: bytes = b"") -> PluginError:
     return PluginError(
         code=code,
         msg=msg,

@@ -7,7 +7,9 @@ ADD result. Every plugin call goes through ``invoke.invoke_plugin``.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +18,29 @@ from typing import Any
 import structlog
 
 from watcher.cni.conf import NetworkConfigList
-from watcher.cni.invoke import ERR_INTERNAL, PluginRequest, find_plugin, invoke_plugin
+from watcher.cni.invoke import (
+    ERR_INTERNAL,
+    PluginRequest,
+    find_plugin,
+    invoke_plugin,
+    version_request,
+)
 from watcher.cni.result import Result
-from watcher.cni.version import PREV_RESULT_ON_DEL_VERSION, at_least
-from watcher.errors import CNIError, ConfigError, InvalidResultError, PluginError
+from watcher.cni.version import (
+    LEGACY_PLUGIN_VERSIONS,
+    LEGACY_VERSION_ERROR,
+    PREV_RESULT_ON_DEL_VERSION,
+    at_least,
+    parse_plugin_versions,
+)
+from watcher.errors import (
+    CNIError,
+    ConfigError,
+    InvalidResultError,
+    PluginError,
+    PluginNotFoundError,
+    PluginVersionError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -42,11 +63,23 @@ class RuntimeConf:
     capability_args: Mapping[str, Any] = field(default_factory=dict)
 
 
+# A plugin file's identity from os.stat: device, inode, size and modification
+# time in nanoseconds. A change in any of them means the binary was replaced.
+FileIdentity = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class _ProbedPlugin:
+    identity: FileIdentity
+    supported: tuple[str, ...]
+
+
 class CNIRuntime:
     """Attach and detach networks by running their plugins from ``bin_dirs``.
 
     ``timeout`` is the limit in seconds for each plugin call, not for a
-    whole list.
+    whole list. The spec versions that each plugin binary supports are
+    cached per path until the file changes.
     """
 
     def __init__(self, bin_dirs: Sequence[Path], timeout: float) -> None:
@@ -54,6 +87,68 @@ class CNIRuntime:
             raise ConfigError(f"invalid CNI plugin timeout {timeout!r}: expected seconds > 0")
         self.bin_dirs = tuple(bin_dirs)
         self.timeout = timeout
+        self._probed: dict[Path, _ProbedPlugin] = {}
+        self._probe_locks: dict[Path, asyncio.Lock] = {}
+
+    async def preflight(self, net: NetworkConfigList) -> None:
+        """Check that every plugin ``net`` needs is installed and supports its cniVersion.
+
+        Looks up the list's plugins and their IPAM plugins in ``bin_dirs``
+        and, the first time a binary is used, runs it with
+        ``CNI_COMMAND=VERSION`` to read the spec versions it supports. Runs no
+        ADD, DEL or CHECK. Raises PluginNotFoundError for a missing binary,
+        PluginVersionError for an unsupported version, and PluginError or
+        PluginTimeoutError when the VERSION call fails.
+        """
+        for plugin_type in net.required_plugin_types:
+            path = find_plugin(plugin_type, self.bin_dirs, net.name)
+            supported = await self._supported_versions(net, plugin_type, path)
+            if net.cni_version not in supported:
+                raise PluginVersionError(
+                    network=net.name,
+                    plugin=plugin_type,
+                    path=str(path),
+                    cni_version=net.cni_version,
+                    supported=supported,
+                )
+
+    async def _supported_versions(
+        self, net: NetworkConfigList, plugin_type: str, path: Path
+    ) -> tuple[str, ...]:
+        # The lock keeps containers that start together from probing one
+        # binary several times.
+        async with self._probe_locks.setdefault(path, asyncio.Lock()):
+            identity = _file_identity(net, plugin_type, path)
+            cached = self._probed.get(path)
+            if cached is not None and cached.identity == identity:
+                return cached.supported
+            supported = await self._probe(net, plugin_type, path)
+            self._probed[path] = _ProbedPlugin(identity, supported)
+            return supported
+
+    async def _probe(self, net: NetworkConfigList, plugin_type: str, path: Path) -> tuple[str, ...]:
+        """Run the plugin with VERSION and return the spec versions it supports."""
+        request = version_request(plugin_type, net.name, net.cni_version)
+        try:
+            output = await invoke_plugin(request, self.bin_dirs, self.timeout)
+        except PluginError as err:
+            if err.msg == LEGACY_VERSION_ERROR:
+                return LEGACY_PLUGIN_VERSIONS
+            raise
+        try:
+            supported = parse_plugin_versions(output)
+        except ValueError as err:
+            raise PluginError(
+                code=ERR_INTERNAL,
+                msg=f"invalid VERSION output: {err}",
+                plugin=plugin_type,
+                command="VERSION",
+                network=net.name,
+            ) from err
+        log.debug(
+            "cni.plugin_versions", plugin=plugin_type, path=str(path), supported=list(supported)
+        )
+        return supported
 
     async def add_network(self, net: NetworkConfigList, rt: RuntimeConf) -> Result:
         """Run ADD for each plugin in order and return the last plugin's result.
@@ -63,12 +158,13 @@ class CNIRuntime:
         the list's cniVersion too. Plugins that succeeded before a failure are
         not undone, so the caller runs ``del_network`` to clean up.
 
-        Raises PluginNotFoundError before any plugin runs when a plugin binary
-        is missing, and CNIError, PluginError or PluginTimeoutError as
-        ``invoke_plugin`` does. A missing or malformed result is a PluginError.
+        Runs ``preflight`` first, so a missing binary or an unsupported
+        version raises PluginNotFoundError or PluginVersionError before any
+        plugin runs ADD. Then raises CNIError, PluginError or
+        PluginTimeoutError as ``invoke_plugin`` does. A missing or malformed
+        result is a PluginError.
         """
-        for plugin_type in net.plugin_types:
-            find_plugin(plugin_type, self.bin_dirs)
+        await self.preflight(net)
 
         result: Result | None = None
         for plugin in net.plugins:
@@ -121,8 +217,8 @@ class CNIRuntime:
 
         Does nothing when the list sets ``disableCheck``. Raises CNIError when
         the list's version is older than 0.4.0, which has no CHECK, or when
-        ``prev_result`` cannot be parsed, and the plugin errors as
-        ``invoke_plugin`` does.
+        ``prev_result`` cannot be parsed, the errors of ``preflight``, and
+        the plugin errors as ``invoke_plugin`` does.
         """
         if not at_least(net.cni_version, PREV_RESULT_ON_DEL_VERSION):
             raise CNIError(
@@ -131,6 +227,7 @@ class CNIRuntime:
             )
         if net.disable_check:
             return
+        await self.preflight(net)
 
         prev = Result.parse(prev_result, net.cni_version).convert(net.cni_version)
         for plugin in net.plugins:
@@ -211,6 +308,17 @@ def _parse_add_output(
         return Result.parse(parsed.convert(net.cni_version), net.cni_version)
     except InvalidResultError as err:
         raise _bad_output(net, plugin, str(err)) from err
+
+
+def _file_identity(net: NetworkConfigList, plugin_type: str, path: Path) -> FileIdentity:
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise PluginNotFoundError(
+            f"CNI plugin {plugin_type!r} of network {net.name!r} at {path} "
+            f"cannot be read: {err.strerror}"
+        ) from err
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _convert_stored_result(

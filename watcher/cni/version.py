@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 SUPPORTED_VERSIONS: tuple[str, ...] = (
     "0.1.0",
     "0.2.0",
@@ -36,3 +39,32 @@ def version_key(version: str) -> tuple[int, int, int]:
 def at_least(version: str, minimum: str) -> bool:
     """Return whether ``version`` is ``minimum`` or later."""
     return version_key(version) >= version_key(minimum)
+
+
+# libcni's assumption for a plugin that fails VERSION with the error message
+# "unknown CNI_COMMAND: VERSION": it predates the command and supports 0.1.0.
+LEGACY_VERSION_ERROR = "unknown CNI_COMMAND: VERSION"
+LEGACY_PLUGIN_VERSIONS: tuple[str, ...] = ("0.1.0",)
+
+
+def parse_plugin_versions(output: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """Return the spec versions in a plugin's VERSION output, in the order printed.
+
+    The output needs ``cniVersion`` and a non-empty ``supportedVersions`` list,
+    except that a 0.2.0 output without the list means 0.1.0 and 0.2.0, as
+    libcni decodes it. Raises ValueError naming what is missing or invalid.
+    """
+    if output is None:
+        raise ValueError("the plugin printed nothing")
+    version = output.get("cniVersion")
+    if not isinstance(version, str) or not version:
+        raise ValueError("cniVersion is missing")
+
+    supported = output.get("supportedVersions")
+    if not supported and version == "0.2.0":
+        return ("0.1.0", "0.2.0")
+    if not supported:
+        raise ValueError("supportedVersions is missing or empty")
+    if not isinstance(supported, list) or not all(isinstance(item, str) for item in supported):
+        raise ValueError(f"supportedVersions {supported!r} is not a list of strings")
+    return tuple(supported)
