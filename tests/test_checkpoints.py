@@ -154,3 +154,20 @@ def test_remove_is_idempotent(tmp_path: Path) -> None:
     store.remove("example", "web")
 
     assert store.read("example", "web") is None
+
+
+def test_remove_partial_writes_keeps_checkpoints(tmp_path: Path) -> None:
+    """remove_partial_writes deletes the temporary files of cut-short writes and nothing else."""
+    store = CheckpointStore(tmp_path)
+    store.write(make_checkpoint(container_id="web"))
+    leftover = store.path("example", "web").with_name(".web.json.a1b2c3.tmp")
+    leftover.write_bytes(b'{"schema": 1, "namesp')
+    other = store.path("example", "web").with_name("notes.tmp")
+    other.write_bytes(b"kept")
+
+    removed = store.remove_partial_writes()
+
+    assert removed == [leftover]
+    assert not leftover.exists()
+    assert other.exists()
+    assert store.read("example", "web") is not None

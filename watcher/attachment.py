@@ -52,12 +52,17 @@ class Attacher:
         """Pin the task's namespace and run ADD for each network in order.
 
         Returns the ``attached`` checkpoint. Raises TaskGone when the task is
-        no longer running with ``pid``, and NetnsError for a host namespace;
-        nothing is left behind then. Raises CNIError when an ADD fails, after
-        removing the networks tried so far with DEL, as the CNI spec requires.
-        If that DEL succeeded, the pin and checkpoint are gone too. If it
-        failed, the ``attaching`` checkpoint stays for a later DEL.
+        no longer running with ``pid``, NetnsError for a host namespace, and
+        CNIError when a plugin is missing or does not support its network's
+        cniVersion; nothing is left behind then. Raises CNIError when an ADD
+        fails, after removing the networks tried so far with DEL, as the CNI
+        spec requires. If that DEL succeeded, the pin and checkpoint are gone
+        too. If it failed, the ``attaching`` checkpoint stays for a later DEL.
         """
+        # A plugin that cannot run would fail its DEL in the same way, so it
+        # is found before anything on the host changes.
+        for record in networks:
+            await self.cni.preflight(_network(record))
         netns = await self._pin(namespace, container_id, pid, confirm)
 
         checkpoint = Checkpoint(
@@ -92,6 +97,26 @@ class Attacher:
         self.pins.unpin(checkpoint.namespace, checkpoint.container_id)
         self.store.remove(checkpoint.namespace, checkpoint.container_id)
 
+    async def repin(self, checkpoint: Checkpoint, confirm: Confirm) -> Checkpoint:
+        """Pin the namespace of the checkpoint's task again if its pin is gone.
+
+        DEL needs the namespace to remove the interfaces and the bridge
+        plugin's NAT rules. Returns the checkpoint with the new pin, or
+        unchanged when the pin is still mounted or the task no longer runs
+        with the checkpoint's PID.
+        """
+        if is_pinned(self.pins.path(checkpoint.namespace, checkpoint.container_id)):
+            return checkpoint
+        try:
+            netns = await self._pin(
+                checkpoint.namespace, checkpoint.container_id, checkpoint.pid, confirm
+            )
+        except (TaskGone, NetnsError) as exc:
+            log.info("netns.repin_skipped", reason=str(exc))
+            return checkpoint
+        log.warning("netns.repinned", netns=str(netns), pid=checkpoint.pid)
+        return replace(checkpoint, netns=str(netns))
+
     async def _pin(self, namespace: str, container_id: str, pid: int, confirm: Confirm) -> Path:
         try:
             netns = self.pins.pin(namespace, container_id, pid)
@@ -100,8 +125,14 @@ class Attacher:
 
         # The pin holds whatever namespace PID had at mount time. Only if the
         # task still runs with that PID afterwards is it the task's namespace
-        # and not one of a process that reused a freed PID.
-        if not await confirm():
+        # and not one of a process that reused a freed PID. No checkpoint
+        # names the pin yet, so every failure removes it.
+        try:
+            running = await confirm()
+        except BaseException:
+            self.pins.unpin(namespace, container_id)
+            raise
+        if not running:
             self.pins.unpin(namespace, container_id)
             raise TaskGone(f"task is no longer running with pid {pid}")
         if is_host_netns(netns):

@@ -149,6 +149,18 @@ class CheckpointStore:
         _fsync_dir(path.parent)
         return target
 
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete the temporary files of writes cut short by a crash, and return their paths.
+
+        Call it only while no write of this store is in progress, because an
+        ongoing write's temporary file looks the same.
+        """
+        removed = []
+        for path in sorted(self.root.glob("*/.*.json.*.tmp")):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
     def scan(self) -> Iterator[tuple[Path, Checkpoint | CheckpointError]]:
         """Yield every checkpoint file with its content, or the error that reading it raised."""
         for path in sorted(self.root.glob("*/*.json")):

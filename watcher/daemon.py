@@ -20,7 +20,7 @@ from watcher.checkpoints import CheckpointStore
 from watcher.cni import CNIRuntime
 from watcher.config import Config
 from watcher.containerd import ContainerdClient, TaskEventStream
-from watcher.errors import ContainerdUnavailable
+from watcher.errors import ContainerdError
 from watcher.netns import NetnsPins
 from watcher.reconciler import TASK_DELETE, TASK_START, Reconciler
 
@@ -48,7 +48,12 @@ class Daemon:
         self._connected = asyncio.Event()
 
     async def run(self) -> int:
-        """Serve until SIGTERM or SIGINT; returns the exit status (0)."""
+        """Serve until SIGTERM or SIGINT; returns the exit status.
+
+        The status is 0 after a signal, and 1 when the event watch or the
+        periodic resync ended with an unexpected error, so that the service
+        manager restarts the daemon instead of leaving it idle.
+        """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -56,10 +61,13 @@ class Daemon:
         log.info("daemon.started", version=__version__, address=self.config.containerd.address)
 
         workers = [
-            asyncio.create_task(self._watch()),
-            asyncio.create_task(self._resync_periodically()),
+            asyncio.create_task(self._watch(), name="event watch"),
+            asyncio.create_task(self._resync_periodically(), name="periodic resync"),
         ]
-        await stop.wait()
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopped, *workers], return_when=asyncio.FIRST_COMPLETED)
+        status = 0 if stopped.done() else _report_failed(workers)
+        stopped.cancel()
 
         log.info("daemon.stopping", in_flight=self.reconciler.in_flight)
         for worker in workers:
@@ -68,29 +76,41 @@ class Daemon:
         finished = await self.reconciler.drain(self.config.daemon.shutdown_timeout)
         await self.client.close()
         log.info("daemon.stopped", drained=finished)
-        return 0
+        return status
 
     async def _watch(self) -> None:
+        # Failed connections in a row since the daemon was last ready. Each
+        # one doubles the wait before the next, so that a call that always
+        # fails does not make a busy loop.
+        failures = 0
         while True:
             stream = await self._subscribe()
             try:
                 await self.reconciler.resync()
+                failures = 0
                 log.info("daemon.ready")
                 self._connected.set()
                 async for event in stream:
                     if event.topic in (TASK_START, TASK_DELETE):
                         self.reconciler.submit(event)
                 log.warning("containerd.stream_ended", next_step="reconnecting")
-            except ContainerdUnavailable as exc:
+            except ContainerdError as exc:
+                failures += 1
                 log.warning("containerd.disconnected", error=str(exc), next_step="reconnecting")
             finally:
                 self._connected.clear()
                 await stream.aclose()
+            await asyncio.sleep(_reconnect_delay(failures))
 
     async def _subscribe(self) -> TaskEventStream:
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(ContainerdUnavailable),
-            wait=wait_exponential_jitter(initial=RECONNECT_INITIAL_DELAY, max=RECONNECT_MAX_DELAY),
+            # Retry any containerd error, not only UNAVAILABLE, because a
+            # containerd that is starting or hung fails calls with a deadline
+            # or never confirms the subscription.
+            retry=retry_if_exception_type(ContainerdError),
+            wait=wait_exponential_jitter(
+                multiplier=RECONNECT_INITIAL_DELAY, max=RECONNECT_MAX_DELAY
+            ),
             before_sleep=_log_reconnect,
             reraise=True,
         )
@@ -109,8 +129,28 @@ class Daemon:
                 continue
             try:
                 await self.reconciler.resync()
-            except ContainerdUnavailable as exc:
+            except ContainerdError as exc:
                 log.warning("daemon.resync_failed", error=str(exc), next_step="next interval")
+
+
+def _reconnect_delay(failures: int) -> float:
+    if failures == 0:
+        return 0.0
+    return min(RECONNECT_INITIAL_DELAY * 2.0 ** (failures - 1), RECONNECT_MAX_DELAY)
+
+
+def _report_failed(workers: list[asyncio.Task[None]]) -> int:
+    for worker in workers:
+        if worker.done() and not worker.cancelled():
+            error = worker.exception()
+            log.error(
+                "daemon.failed",
+                worker=worker.get_name(),
+                error=repr(error),
+                exc_info=error,
+                next_step="exiting with status 1",
+            )
+    return 1
 
 
 def _log_reconnect(state: RetryCallState) -> None:

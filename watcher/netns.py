@@ -54,6 +54,10 @@ class NetnsPins:
             raise NetnsError(f"cannot pin {source} at {target}: {os.strerror(errno)}")
         return target
 
+    def scan(self) -> list[tuple[str, str]]:
+        """Return (namespace, container id) of every pin path below the root, mounted or not."""
+        return sorted((path.parent.name, path.name) for path in self.root.glob("*/*"))
+
     def unpin(self, namespace: str, container_id: str) -> None:
         """Unmount and remove the container's pin; a missing pin is not an error."""
         target = self.path(namespace, container_id)
@@ -69,6 +73,18 @@ def is_pinned(path: Path) -> bool:
         return os.path.ismount(path) and path.stat().st_dev != path.parent.stat().st_dev
     except OSError:
         return False
+
+
+def is_pin_of(path: Path, pid: int) -> bool:
+    """Return whether ``path`` is a mounted pin of the network namespace of process ``pid``."""
+    if not is_pinned(path):
+        return False
+    try:
+        pinned = os.stat(path)
+        current = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return False
+    return (pinned.st_dev, pinned.st_ino) == (current.st_dev, current.st_ino)
 
 
 def is_host_netns(path: Path) -> bool:

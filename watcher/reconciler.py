@@ -25,7 +25,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from watcher.attachment import Attacher, TaskGone
+from watcher.attachment import Attacher, Confirm, TaskGone
 from watcher.checkpoints import Checkpoint, CheckpointStore, NetworkRecord, Phase
 from watcher.cni import load_conf_dir
 from watcher.config import Config
@@ -39,6 +39,7 @@ from watcher.errors import (
     WatcherError,
 )
 from watcher.labels import parse_labels
+from watcher.netns import is_pin_of
 from watcher.plan import cni_container_id, plan_networks
 
 log = structlog.get_logger(__name__)
@@ -66,9 +67,6 @@ class ContainerKey:
 
     namespace: str
     container_id: str
-
-
-Operation = Callable[[ContainerKey, int], Awaitable[None]]
 
 
 def is_transient(error: BaseException) -> bool:
@@ -122,9 +120,9 @@ class Reconciler:
             return
         key = ContainerKey(event.namespace, event.container_id)
         if event.topic == TASK_START:
-            self._schedule(self.ensure_attached, key, event.pid)
+            self._schedule(key, functools.partial(self.ensure_attached, key, event.pid))
         elif event.topic == TASK_DELETE and event.is_init:
-            self._schedule(self.ensure_detached, key, event.pid)
+            self._schedule(key, functools.partial(self.ensure_detached, key, event.pid))
         elif event.topic == TASK_DELETE:
             log.debug(
                 "task.exec_delete_ignored",
@@ -136,8 +134,9 @@ class Reconciler:
     async def resync(self) -> None:
         """Compare containerd's tasks with the checkpoints and schedule what differs.
 
-        Running opted-in tasks without an attachment are attached;
-        attachments whose task is gone or was replaced are detached.
+        Running opted-in tasks without an attachment are attached.
+        Attachments whose task is gone or was replaced are detached, and pins
+        that no checkpoint names are removed.
         """
         checkpoints = self._scan_checkpoints()
         namespaces = await self._namespaces(cp.namespace for cp in checkpoints)
@@ -149,32 +148,45 @@ class Reconciler:
         for key in await self._opted_in(namespaces):
             live = tasks.get(key)
             if live is not None and live.status in LIVE_STATUSES:
-                self._schedule(self.ensure_attached, key, live.pid)
+                self._schedule(key, functools.partial(self.ensure_attached, key, live.pid))
         for checkpoint in checkpoints:
             key = ContainerKey(checkpoint.namespace, checkpoint.container_id)
             current = tasks.get(key)
             if current is None or current.pid != checkpoint.pid:
-                self._schedule(self.ensure_detached, key, checkpoint.pid)
+                self._schedule(key, functools.partial(self.ensure_detached, key, checkpoint.pid))
+        recorded = {ContainerKey(cp.namespace, cp.container_id) for cp in checkpoints}
+        for namespace, container_id in self.attacher.pins.scan():
+            key = ContainerKey(namespace, container_id)
+            if key not in recorded:
+                self._schedule(key, functools.partial(self.ensure_unpinned, key))
 
     async def drain(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for scheduled work; returns whether all of it ended."""
+        """Wait up to ``timeout`` seconds for scheduled work, then cancel the rest.
+
+        Returns whether all of the work finished in time.
+        """
         pending = set(self._tasks)
         if not pending:
             return True
         _, still_running = await asyncio.wait(pending, timeout=timeout)
+        if not still_running:
+            return True
         for task in still_running:
             task.cancel()
-        return not still_running
+        # Cancelled work stops and reaps its plugin processes before it ends.
+        await asyncio.wait(still_running)
+        return False
 
     async def ensure_attached(self, key: ContainerKey, pid: int) -> None:
         """Make the container's attachment match a task running with ``pid``."""
         checkpoint = self._read_checkpoint(key)
         if checkpoint is not None and checkpoint.pid == pid:
-            if checkpoint.phase == Phase.ATTACHED:
+            if self._settled(key, checkpoint):
                 return
-            if checkpoint.phase == Phase.FAILED and not self._retry_due(key):
-                return
-        # An older task's attachment, or one interrupted mid-way: clean it first.
+            if checkpoint.phase != Phase.FAILED:
+                checkpoint = await self.attacher.repin(checkpoint, self._confirm(key, pid))
+        # An older task's attachment, one interrupted mid-way, or one whose pin
+        # does not hold the task's namespace: clean it first.
         if checkpoint is not None and not await self._detach_with_retries(checkpoint):
             return
 
@@ -191,6 +203,45 @@ class Reconciler:
             log.debug("task.delete_stale", pid=pid, checkpoint_pid=checkpoint.pid)
             return
         await self._detach_with_retries(checkpoint)
+
+    async def ensure_unpinned(self, key: ContainerKey) -> None:
+        """Remove the container's pin if no checkpoint names it.
+
+        Such a pin is left when the daemon dies between pinning a namespace
+        and writing the checkpoint. No plugin has run for it then.
+        """
+        netns = self.attacher.pins.path(key.namespace, key.container_id)
+        if not netns.exists() or self._read_checkpoint(key) is not None:
+            return
+        self.attacher.pins.unpin(key.namespace, key.container_id)
+        log.warning("netns.pin_removed", netns=str(netns), reason="no checkpoint names it")
+
+    def _settled(self, key: ContainerKey, checkpoint: Checkpoint) -> bool:
+        """Return whether the checkpoint of a task running with its PID needs no work."""
+        if checkpoint.phase == Phase.FAILED:
+            return not self._retry_due(key)
+        if checkpoint.phase != Phase.ATTACHED:
+            return False
+        if is_pin_of(Path(checkpoint.netns), checkpoint.pid):
+            return True
+        # After a reboot the pin is gone, and a new task may have the old
+        # task's PID but a namespace without anything ADD made. A pin of
+        # another namespace means that a new task reused the PID.
+        log.warning(
+            "checkpoint.stale",
+            pid=checkpoint.pid,
+            netns=checkpoint.netns,
+            reason="the pin is missing or is not of the task's network namespace",
+            next_step="DEL, then ADD",
+        )
+        return False
+
+    def _confirm(self, key: ContainerKey, pid: int) -> Confirm:
+        async def confirm() -> bool:
+            task = await self.client.get_task(key.namespace, key.container_id)
+            return task is not None and task.pid == pid and task.status in LIVE_STATUSES
+
+        return confirm
 
     async def _plan(self, key: ContainerKey) -> tuple[NetworkRecord, ...]:
         container = await self.client.get_container(key.namespace, key.container_id)
@@ -210,10 +261,7 @@ class Reconciler:
     async def _attach_with_retries(
         self, key: ContainerKey, pid: int, records: tuple[NetworkRecord, ...]
     ) -> None:
-        async def confirm() -> bool:
-            task = await self.client.get_task(key.namespace, key.container_id)
-            return task is not None and task.pid == pid and task.status in LIVE_STATUSES
-
+        confirm = self._confirm(key, pid)
         try:
             async for attempt in _retrying(ADD_ATTEMPTS, "attach"):
                 with attempt:
@@ -292,6 +340,9 @@ class Reconciler:
             return None
 
     def _scan_checkpoints(self) -> list[Checkpoint]:
+        # Writes never await, so no write of this daemon is in progress here.
+        for path in self.store.remove_partial_writes():
+            log.warning("checkpoint.partial_write_removed", path=str(path))
         checkpoints = []
         for path, item in self.store.scan():
             if isinstance(item, CheckpointError):
@@ -319,8 +370,7 @@ class Reconciler:
         listed = list(configured) if configured else await self.client.list_namespaces()
         return sorted(set(listed) | set(extra))
 
-    def _schedule(self, operation: Operation, key: ContainerKey, pid: int) -> None:
-        work = functools.partial(operation, key, pid)
+    def _schedule(self, key: ContainerKey, work: Callable[[], Awaitable[None]]) -> None:
         task = asyncio.get_running_loop().create_task(self._run_in_lane(key, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -344,6 +394,10 @@ class Reconciler:
         # must never stop the daemon from serving the others.
         try:
             await work()
+        except asyncio.CancelledError:
+            # Only drain() cancels work, when the shutdown wait has run out.
+            log.warning("container.operation_cancelled", next_step="finished at the next start")
+            raise
         except LabelError as exc:
             log.error(
                 "container.label_invalid", label=exc.label, value=exc.value, reason=exc.reason
@@ -370,7 +424,7 @@ def _retrying(attempts: int, operation: str, retry_all: bool = False) -> AsyncRe
     retry_on = (lambda exc: isinstance(exc, WatcherError)) if retry_all else is_transient
     return AsyncRetrying(
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=RETRY_INITIAL_DELAY, max=RETRY_MAX_DELAY),
+        wait=wait_exponential_jitter(multiplier=RETRY_INITIAL_DELAY, max=RETRY_MAX_DELAY),
         retry=retry_if_exception(retry_on),
         before_sleep=log_retry,
         reraise=True,

@@ -69,7 +69,9 @@ def daemon(env: WatcherEnv) -> Iterator[Daemon]:
         # detaches them; a leak check inside the test has already failed if
         # that did not work.
         if process.process is not None:
-            for namespace, container_id in list(env.containerd.containers):
-                env.containerd.remove(namespace, container_id)
-            wait_for(lambda: not env.checkpoints(), 20, "the daemon to detach every container")
-            process.stop()
+            try:
+                for namespace, container_id in list(env.containerd.containers):
+                    env.containerd.remove(namespace, container_id)
+                wait_for(lambda: not env.checkpoints(), 20, "the daemon to detach every container")
+            finally:
+                process.stop()

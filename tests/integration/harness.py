@@ -13,9 +13,12 @@ host without sharing a bridge.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -147,6 +150,16 @@ class Containerd:
             self.process.wait()
         self.process = None
 
+    def freeze(self) -> None:
+        """Stop containerd with SIGSTOP, so calls to it hang instead of failing."""
+        assert self.process is not None, "containerd not started"
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen containerd run again with SIGCONT."""
+        assert self.process is not None, "containerd not started"
+        self.process.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
         """Remove every container this harness started, stop containerd and delete its folders."""
         if self.process is not None:
@@ -188,6 +201,11 @@ class Containerd:
         )
         return self.task_pid(namespace, container_id)
 
+    def start_task(self, namespace: str, container_id: str) -> int:
+        """Start a new task for a container whose old task was deleted, and return its PID."""
+        self.ctr("tasks", "start", "--detach", container_id, namespace=namespace)
+        return self.task_pid(namespace, container_id)
+
     def task_pid(self, namespace: str, container_id: str) -> int:
         """Return the PID of the container's task."""
         for line in self.ctr("tasks", "ls", namespace=namespace).stdout.splitlines()[1:]:
@@ -227,6 +245,8 @@ class WatcherEnv:
     containerd: Containerd
     namespaces: tuple[str, ...] = ()
     log_level: str = "debug"
+    # Plugin folders in search order. A test puts a folder of wrapper plugins first.
+    bin_dirs: tuple[Path, ...] = (CNI_BIN_DIR,)
     conf_dir: Path = field(init=False)
     lease_dir: Path = field(init=False)
     state_dir: Path = field(init=False)
@@ -263,13 +283,14 @@ class WatcherEnv:
     def write_config(self) -> None:
         """Write the daemon's TOML config for this environment."""
         namespaces = ", ".join(f'"{name}"' for name in self.namespaces)
+        bin_dirs = ", ".join(f'"{folder}"' for folder in self.bin_dirs)
         self.config_path.write_text(
             "[containerd]\n"
             f'address = "{self.containerd.address}"\n'
             f"namespaces = [{namespaces}]\n"
             "[cni]\n"
             f'conf_dir = "{self.conf_dir}"\n'
-            f'bin_dirs = ["{CNI_BIN_DIR}"]\n'
+            f"bin_dirs = [{bin_dirs}]\n"
             'default_networks = ["mynet", "lo"]\n'
             'plugin_timeout = "20s"\n'
             "[state]\n"
@@ -340,6 +361,12 @@ class Daemon:
         status = self.process.wait(timeout=timeout)
         self.process = None
         return status
+
+    def crash(self) -> None:
+        """SIGKILL the daemon and the plugins it runs, as systemd does when the daemon dies."""
+        assert self.process is not None, "daemon not started"
+        kill_with_children(self.process)
+        self.process = None
 
     def logs(self) -> list[dict[str, Any]]:
         """Return the JSON log lines written since the last start."""
@@ -448,3 +475,48 @@ def unmount_below(base: Path) -> None:
     for mount in sorted(_mount_points(), key=len, reverse=True):
         if mount.startswith(str(base) + "/"):
             run(["umount", "-l", mount], check=False)
+
+
+def nat_chain(network: str, cni_id: str) -> str:
+    """Return the name of the NAT chain that the bridge plugin's ipMasq makes for one container.
+
+    The name is ``CNI-`` plus the hex SHA-512 of network name and container
+    ID, cut to 28 characters, as bridge 1.1.1 of containernetworking-plugins
+    makes it.
+    """
+    digest = hashlib.sha512((network + cni_id).encode()).hexdigest()
+    return ("CNI-" + digest)[:28]
+
+
+def remove_nat_chain(chain: str) -> None:
+    """Delete the POSTROUTING rules that jump to ``chain``, then flush and delete the chain."""
+    for rule in nat_rules():
+        if rule.startswith("-A POSTROUTING ") and rule.endswith(f" -j {chain}"):
+            arguments = shlex.split(rule)
+            run(["iptables", "-t", "nat", "-D", *arguments[1:]])
+    run(["iptables", "-t", "nat", "-F", chain], check=False)
+    run(["iptables", "-t", "nat", "-X", chain], check=False)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Return the PIDs of the direct children of process ``pid``."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return children
+
+
+def kill_with_children(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``process`` and the process group of each of its children, as systemd would.
+
+    A crashed service's unit is stopped before it restarts, and with
+    ``KillMode=mixed`` the stop sends SIGKILL to every process left in the
+    unit's cgroup (systemd.kill(5)). CNI plugins run in their own session, so
+    each child leads a group that contains the programs it started.
+    """
+    children = child_pids(process.pid)
+    process.kill()
+    process.wait()
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child, signal.SIGKILL)

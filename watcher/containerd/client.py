@@ -51,6 +51,7 @@ MARKER_NAMESPACE: Final = "default"
 # 1.6.20), several times more with a seccomp profile. By that estimate grpc's
 # default limit of 4 MiB can be hit by a List of a few hundred containers.
 MAX_RECEIVE_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+MAX_RECONNECT_BACKOFF_MS: Final = 5_000
 
 
 class TaskStatus(enum.Enum):
@@ -258,7 +259,13 @@ class ContainerdClient:
             return
         channel = grpc.aio.insecure_channel(
             self.address,
-            options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+                # gRPC's own reconnect backoff grows to 120 s by default, which
+                # would keep the channel down long after containerd is back.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            ],
         )
         self._containers = containers_pb2_grpc.ContainersStub(channel)
         self._events = events_pb2_grpc.EventsStub(channel)
