@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from watcher.checkpoints import Checkpoint, Phase
 from watcher.cni import ConfDir, NetworkConfigList, load_conf_dir
 from watcher.errors import LabelError
 from watcher.labels import AttachRequest, Bandwidth, NetworkRef, PortMapping
-from watcher.plan import cni_container_id, plan_networks
+from watcher.plan import cni_container_id, find_port_conflict, plan_networks
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "cni-watcher/"
@@ -137,12 +138,13 @@ def test_static_ip_through_capability(conf: ConfDir) -> None:
 def test_ports_need_portmap(conf: ConfDir) -> None:
     """Ports are passed as portMappings, and rejected when no plugin can apply them."""
     ports = (PortMapping(8080, 80),)
-    records = plan_networks(request("published", ports=ports), conf, PREFIX)
+    labels = {"cni-watcher/ports": "8080:80"}
+    records = plan_networks(request("published", ports=ports, labels=labels), conf, PREFIX)
     assert records[0].capability_args["portMappings"] == [
         {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}
     ]
 
-    rejected = request("mynet", ports=ports, labels={"cni-watcher/ports": "8080:80"})
+    rejected = request("mynet", ports=ports, labels=labels)
     with pytest.raises(LabelError, match="portMappings"):
         plan_networks(rejected, conf, PREFIX)
 
@@ -159,3 +161,58 @@ def test_bandwidth_needs_plugin(conf: ConfDir) -> None:
 
     assert raised.value.label == "cni-watcher/bandwidth"
     assert raised.value.value == "ingress=1k"
+
+
+def test_ports_go_to_one_network(conf: ConfDir) -> None:
+    """With two networks that contain portmap, only the first publishes the ports."""
+    second = NetworkConfigList.from_dict({**PORTMAP_LIST.to_dict(), "name": "again"}, "test")
+    both = ConfDir(networks={**conf.networks, "again": second}, problems=())
+    ports = (PortMapping(8080, 80),)
+    labels = {"cni-watcher/ports": "8080:80"}
+
+    records = plan_networks(request("published", "again", ports=ports, labels=labels), both, PREFIX)
+
+    assert "portMappings" in records[0].capability_args
+    assert "portMappings" not in records[1].capability_args
+
+
+@pytest.mark.parametrize(
+    ("taken", "wanted", "clash"),
+    [
+        (PortMapping(8080, 80), PortMapping(8080, 81), True),
+        (PortMapping(8080, 80), PortMapping(8080, 80, "udp"), False),
+        (PortMapping(8080, 80), PortMapping(8081, 80), False),
+        (PortMapping(8080, 80, host_ip="127.0.0.1"), PortMapping(8080, 80), True),
+        (
+            PortMapping(8080, 80, host_ip="127.0.0.1"),
+            PortMapping(8080, 80, host_ip="127.0.0.2"),
+            False,
+        ),
+    ],
+)
+def test_port_conflict_detected(
+    conf: ConfDir, taken: PortMapping, wanted: PortMapping, clash: bool
+) -> None:
+    """Same port and protocol on overlapping host IPs clash; anything else does not."""
+    labels = {"cni-watcher/ports": "..."}
+    other = plan_networks(request("published", ports=(taken,), labels=labels), conf, PREFIX)
+    mine = plan_networks(request("published", ports=(wanted,), labels=labels), conf, PREFIX)
+    holder = Checkpoint(
+        namespace="example",
+        container_id="web",
+        cni_container_id="example--web",
+        pid=1,
+        netns="",
+        phase=Phase.ATTACHED,
+        networks=other,
+    )
+
+    reason = find_port_conflict(mine, [holder])
+
+    if clash:
+        assert reason == (
+            f"host port {wanted.host_port}/{wanted.protocol} is already published "
+            "by container example/web"
+        )
+    else:
+        assert reason is None

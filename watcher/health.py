@@ -92,9 +92,47 @@ def _expected_addresses(
     return expected
 
 
+async def restore_for_del(checkpoint: Checkpoint) -> list[str]:
+    """Recreate interfaces missing from the pinned namespace, with the addresses ADD reported.
+
+    The bridge and ptp plugins find the NAT rules to remove through the
+    addresses on the interface, so DEL of a removed interface would leave
+    them. Each stand-in is a veth with its peer in the same namespace; DEL
+    deletes it. Returns the names of the recreated interfaces. Raises
+    NetnsError when ``ip`` fails.
+    """
+    restored = []
+    for index, record in enumerate(checkpoint.networks):
+        version = str(record.config.get("cniVersion", ""))
+        addresses = _expected_addresses(record, version)
+        if not addresses or await _read_link(checkpoint.netns, record.ifname) is not None:
+            continue
+        peer = f"cniw-del{index}"
+        await _run_ip(
+            checkpoint.netns, "link", "add", record.ifname, "type", "veth", "peer", "name", peer
+        )
+        for address in sorted(addresses, key=str):
+            await _run_ip(checkpoint.netns, "addr", "add", str(address), "dev", record.ifname)
+        restored.append(record.ifname)
+    return restored
+
+
 async def _read_link(netns: str, ifname: str) -> dict[str, Any] | None:
+    try:
+        stdout = await _run_ip(netns, "-j", "addr", "show", "dev", ifname)
+    except _LinkMissing:
+        return None
+    links: list[dict[str, Any]] = json.loads(stdout or b"[]")
+    return links[0] if links else None
+
+
+class _LinkMissing(Exception):
+    """Raised inside this module when ``ip`` reports that a device does not exist."""
+
+
+async def _run_ip(netns: str, *args: str) -> bytes:
     process = await asyncio.create_subprocess_exec(
-        "nsenter", f"--net={netns}", "ip", "-j", "addr", "show", "dev", ifname,
+        "nsenter", f"--net={netns}", "ip", *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -104,11 +142,10 @@ async def _read_link(netns: str, ifname: str) -> dict[str, Any] | None:
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise NetnsError(f"inspecting {ifname} in {netns} timed out") from None
+        raise NetnsError(f"ip {' '.join(args)} in {netns} timed out") from None
 
     if process.returncode != 0:
         if b"does not exist" in stderr:
-            return None
-        raise NetnsError(f"cannot inspect {ifname} in {netns}: {stderr.decode().strip()}")
-    links: list[dict[str, Any]] = json.loads(stdout or b"[]")
-    return links[0] if links else None
+            raise _LinkMissing()
+        raise NetnsError(f"ip {' '.join(args)} in {netns} failed: {stderr.decode().strip()}")
+    return stdout

@@ -6,10 +6,10 @@ with the same configs and args even if the conf dir has changed since.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from watcher.checkpoints import NetworkRecord
+from watcher.checkpoints import Checkpoint, NetworkRecord
 from watcher.cni import ConfDir, NetworkConfigList
 from watcher.errors import LabelError
 from watcher.labels import AttachRequest
@@ -31,9 +31,10 @@ def plan_networks(request: AttachRequest, conf: ConfDir, prefix: str) -> tuple[N
     The first non-loopback network gets ``eth0``, the next ``eth1``, and
     loopback-type networks get ``lo``, unless the label names an interface.
     The static address and MAC address from the labels go to the first
-    non-loopback network only. Raises LabelError for an unknown network, a
-    clash of interface names, or ports or bandwidth that no plugin of the
-    container's networks can apply.
+    non-loopback network only, and ports and bandwidth to the first network
+    whose plugins declare that capability, so a host port is never published
+    twice. Raises LabelError for an unknown network, a clash of interface
+    names, or ports or bandwidth that no plugin of the networks can apply.
     """
     networks_label = prefix + "networks"
     configs = [_find_network(conf, ref.name, networks_label) for ref in request.networks]
@@ -44,15 +45,52 @@ def plan_networks(request: AttachRequest, conf: ConfDir, prefix: str) -> tuple[N
         reason = f"two networks would get the same interface name {duplicates[0]!r}"
         raise LabelError(networks_label, value, reason)
 
-    _require_capability(request, configs, "portMappings", prefix + "ports")
-    _require_capability(request, configs, "bandwidth", prefix + "bandwidth")
+    ports_at = _first_declaring(request, configs, "portMappings", prefix + "ports")
+    bandwidth_at = _first_declaring(request, configs, "bandwidth", prefix + "bandwidth")
     # The ip and mac labels are meant for the first non-loopback network, so
     # a loopback network listed first does not take them.
-    static_index = next((i for i, net in enumerate(configs) if not net.is_loopback), 0)
-    return tuple(
-        _record(request, net, ifname, with_static=index == static_index)
-        for index, (net, ifname) in enumerate(zip(configs, ifnames, strict=True))
-    )
+    static_at = next((i for i, net in enumerate(configs) if not net.is_loopback), 0)
+
+    records = []
+    for index, (net, ifname) in enumerate(zip(configs, ifnames, strict=True)):
+        capability_args: dict[str, Any] = {}
+        if index == ports_at:
+            capability_args["portMappings"] = [port.to_capability() for port in request.ports]
+        if index == bandwidth_at and request.bandwidth is not None:
+            capability_args["bandwidth"] = request.bandwidth.to_capability()
+        args: list[tuple[str, str]] = []
+        if index == static_at:
+            _static_address(request, net, capability_args, args)
+        records.append(
+            NetworkRecord(
+                name=net.name,
+                ifname=ifname,
+                config=net.to_dict(),
+                args=tuple(args),
+                capability_args=capability_args,
+            )
+        )
+    return tuple(records)
+
+
+def find_port_conflict(
+    records: tuple[NetworkRecord, ...], others: Iterable[Checkpoint]
+) -> str | None:
+    """Return why the planned host ports clash with another container's, or None.
+
+    Two mappings clash when protocol and host port match and their host IPs
+    are equal or either one is unset, which means every address.
+    """
+    wanted = list(_published(records))
+    for other in others:
+        for taken in _published(other.networks):
+            for port in wanted:
+                if _same_host_port(port, taken):
+                    return (
+                        f"host port {port['hostPort']}/{port['protocol']} is already published "
+                        f"by container {other.namespace}/{other.container_id}"
+                    )
+    return None
 
 
 def declares(net: NetworkConfigList, capability: str) -> bool:
@@ -82,36 +120,33 @@ def _choose_ifnames(request: AttachRequest, configs: list[NetworkConfigList]) ->
     return ifnames
 
 
-def _require_capability(
+def _first_declaring(
     request: AttachRequest, configs: list[NetworkConfigList], capability: str, label: str
-) -> None:
+) -> int | None:
+    """Return the index of the first network that can apply ``label``, or None without it."""
     value = request.labels.get(label)
-    if value is not None and not any(declares(net, capability) for net in configs):
-        reason = (
-            f"no plugin in the container's networks declares the {capability!r} capability; "
-            "add the plugin that provides it to the network's conflist"
-        )
-        raise LabelError(label, value, reason)
-
-
-def _record(
-    request: AttachRequest, net: NetworkConfigList, ifname: str, with_static: bool
-) -> NetworkRecord:
-    capability_args: dict[str, Any] = {}
-    args: list[tuple[str, str]] = []
-    if request.ports:
-        capability_args["portMappings"] = [port.to_capability() for port in request.ports]
-    if request.bandwidth:
-        capability_args["bandwidth"] = request.bandwidth.to_capability()
-    if with_static:
-        _static_address(request, net, capability_args, args)
-    return NetworkRecord(
-        name=net.name,
-        ifname=ifname,
-        config=net.to_dict(),
-        args=tuple(args),
-        capability_args=capability_args,
+    if value is None:
+        return None
+    for index, net in enumerate(configs):
+        if declares(net, capability):
+            return index
+    reason = (
+        f"no plugin in the container's networks declares the {capability!r} capability; "
+        "add the plugin that provides it to the network's conflist"
     )
+    raise LabelError(label, value, reason)
+
+
+def _published(records: Iterable[NetworkRecord]) -> Iterator[Mapping[str, Any]]:
+    for record in records:
+        yield from record.capability_args.get("portMappings", ())
+
+
+def _same_host_port(first: Mapping[str, Any], second: Mapping[str, Any]) -> bool:
+    if (first["hostPort"], first["protocol"]) != (second["hostPort"], second["protocol"]):
+        return False
+    first_ip, second_ip = first.get("hostIP", ""), second.get("hostIP", "")
+    return not first_ip or not second_ip or first_ip == second_ip
 
 
 def _static_address(
@@ -134,8 +169,3 @@ def _static_address(
         fallback.append(("MAC", request.mac))
     if fallback:
         args.extend([("IgnoreUnknown", "1"), *fallback])
-
-
-def describe(records: tuple[NetworkRecord, ...]) -> Mapping[str, str]:
-    """Return network name -> interface name, for log lines."""
-    return {record.name: record.ifname for record in records}

@@ -38,9 +38,10 @@ from watcher.errors import (
     NetnsError,
     WatcherError,
 )
+from watcher.health import find_problem, restore_for_del
 from watcher.labels import parse_labels
 from watcher.netns import is_pin_of
-from watcher.plan import cni_container_id, plan_networks
+from watcher.plan import cni_container_id, find_port_conflict, plan_networks
 
 log = structlog.get_logger(__name__)
 
@@ -103,6 +104,9 @@ class Reconciler:
         # Failed attaches per container: how many in a row, and the monotonic
         # time before which a resync does not try again.
         self._failures: dict[ContainerKey, tuple[int, float]] = {}
+        # Host ports of attaches that passed the conflict check but may not
+        # have written their checkpoint yet.
+        self._port_claims: dict[ContainerKey, Checkpoint] = {}
 
     @property
     def in_flight(self) -> int:
@@ -148,7 +152,8 @@ class Reconciler:
         for key in await self._opted_in(namespaces):
             live = tasks.get(key)
             if live is not None and live.status in LIVE_STATUSES:
-                self._schedule(key, functools.partial(self.ensure_attached, key, live.pid))
+                work = functools.partial(self.ensure_attached, key, live.pid, check=True)
+                self._schedule(key, work)
         for checkpoint in checkpoints:
             key = ContainerKey(checkpoint.namespace, checkpoint.container_id)
             current = tasks.get(key)
@@ -177,13 +182,18 @@ class Reconciler:
         await asyncio.wait(still_running)
         return False
 
-    async def ensure_attached(self, key: ContainerKey, pid: int) -> None:
-        """Make the container's attachment match a task running with ``pid``."""
+    async def ensure_attached(self, key: ContainerKey, pid: int, check: bool = False) -> None:
+        """Make the container's attachment match a task running with ``pid``.
+
+        With ``check``, an attachment that looks settled is also checked
+        inside its namespace, and repaired with DEL then ADD if it is broken.
+        """
         checkpoint = self._read_checkpoint(key)
         if checkpoint is not None and checkpoint.pid == pid:
             if self._settled(key, checkpoint):
-                return
-            if checkpoint.phase != Phase.FAILED:
+                if not check or not await self._broken(checkpoint):
+                    return
+            elif checkpoint.phase != Phase.FAILED:
                 checkpoint = await self.attacher.repin(checkpoint, self._confirm(key, pid))
         # An older task's attachment, one interrupted mid-way, or one whose pin
         # does not hold the task's namespace: clean it first.
@@ -192,7 +202,11 @@ class Reconciler:
 
         records = await self._plan(key)
         if records:
-            await self._attach_with_retries(key, pid, records)
+            try:
+                await self._attach_with_retries(key, pid, records)
+            finally:
+                # From here on the checkpoint, if any, shows the ports in use.
+                self._port_claims.pop(key, None)
 
     async def ensure_detached(self, key: ContainerKey, pid: int) -> None:
         """Detach the container if its checkpoint belongs to the task with ``pid``."""
@@ -215,6 +229,31 @@ class Reconciler:
             return
         self.attacher.pins.unpin(key.namespace, key.container_id)
         log.warning("netns.pin_removed", netns=str(netns), reason="no checkpoint names it")
+
+    async def _broken(self, checkpoint: Checkpoint) -> bool:
+        """Return whether an attached container lost what ADD gave it.
+
+        Interfaces removed by hand are put back with their old addresses
+        before DEL, because the bridge and ptp plugins find the NAT rules to
+        remove through the addresses on the interface.
+        """
+        if checkpoint.phase != Phase.ATTACHED:
+            return False
+        try:
+            problem = await find_problem(self.attacher.cni, checkpoint)
+            if problem is None:
+                return False
+            restored = await restore_for_del(checkpoint)
+            log.warning(
+                "container.check_failed",
+                problem=problem,
+                restored_for_del=restored,
+                next_step="DEL, then ADD",
+            )
+        except (NetnsError, CNIError) as exc:
+            log.warning("container.check_skipped", error=str(exc))
+            return False
+        return True
 
     def _settled(self, key: ContainerKey, checkpoint: Checkpoint) -> bool:
         """Return whether the checkpoint of a task running with its PID needs no work."""
@@ -256,7 +295,40 @@ class Reconciler:
         conf = load_conf_dir(self.config.cni.conf_dir)
         for problem in conf.problems:
             log.warning("cni.config_skipped", reason=problem)
-        return plan_networks(request, conf, prefix)
+        records = plan_networks(request, conf, prefix)
+        self._reserve_ports(key, records, request.labels.get(prefix + "ports", ""))
+        return records
+
+    def _reserve_ports(
+        self, key: ContainerKey, records: tuple[NetworkRecord, ...], label_value: str
+    ) -> None:
+        """Claim the planned host ports for ``key`` or raise LabelError if another has them.
+
+        Check and claim run without an await in between, so two lanes cannot
+        both pass the check for the same port.
+        """
+        if not any("portMappings" in record.capability_args for record in records):
+            return
+        holders = [
+            checkpoint
+            for _, checkpoint in self.store.scan()
+            if isinstance(checkpoint, Checkpoint)
+            and ContainerKey(checkpoint.namespace, checkpoint.container_id) != key
+            and checkpoint.phase != Phase.FAILED
+        ]
+        holders += [claim for holder, claim in self._port_claims.items() if holder != key]
+        reason = find_port_conflict(records, holders)
+        if reason is not None:
+            raise LabelError(self.config.labels.prefix + "ports", label_value, reason)
+        self._port_claims[key] = Checkpoint(
+            namespace=key.namespace,
+            container_id=key.container_id,
+            cni_container_id=cni_container_id(key.namespace, key.container_id),
+            pid=0,
+            netns="",
+            phase=Phase.ATTACHING,
+            networks=records,
+        )
 
     async def _attach_with_retries(
         self, key: ContainerKey, pid: int, records: tuple[NetworkRecord, ...]

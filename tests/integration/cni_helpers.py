@@ -7,16 +7,10 @@ another one that uses the reference names.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import ipaddress
 import json
-import os
 import shlex
-import signal
 import socket
-import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +21,7 @@ from tests.integration.harness import (
     WatcherEnv,
     bridge_veths,
     leases,
+    nat_chain,
     nat_rules,
     pins,
     run,
@@ -44,18 +39,6 @@ EXTRA_BRIDGES = (SECOND_BRIDGE, EDITED_BRIDGE)
 # It never deletes them, so the tests do when they created them.
 PORTMAP_SHARED_PREFIX = "CNI-HOSTPORT-"
 
-# iptables limits chain names to 28 characters. The plugins name a
-# container's chains "CNI-" plus an optional prefix plus the hex SHA-512 of
-# network name and container ID, cut to that length (containernetworking/plugins
-# pkg/utils, version 1.1.1).
-MAX_CHAIN_LENGTH = 28
-
-
-def container_chain(network: str, cni_id: str, prefix: str = "") -> str:
-    """Return the name of a per-container chain: ``prefix`` "" for ipMasq, "DN-" for portmap."""
-    digest = hashlib.sha512((network + cni_id).encode()).hexdigest()
-    return f"CNI-{prefix}{digest}"[:MAX_CHAIN_LENGTH]
-
 
 def write_raw_network(env: WatcherEnv, filename: str, network: dict[str, Any]) -> None:
     """Write a config file as given, without the bridge, subnet and dataDir changes."""
@@ -64,21 +47,10 @@ def write_raw_network(env: WatcherEnv, filename: str, network: dict[str, Any]) -
 
 def restart_with_bin_dirs(env: WatcherEnv, daemon: Daemon, bin_dirs: Sequence[Path]) -> None:
     """Set ``cni.bin_dirs`` in the daemon's config file and restart the daemon with it."""
-    config = tomllib.loads(env.config_path.read_text())
-    config["cni"]["bin_dirs"] = [str(folder) for folder in bin_dirs]
-    env.config_path.write_text(_dump_toml(config))
+    env.bin_dirs = tuple(bin_dirs)
+    env.write_config()
     daemon.stop()
     daemon.start()
-
-
-def _dump_toml(config: dict[str, Any]) -> str:
-    # The daemon's config has only tables of strings, numbers, booleans and
-    # lists of strings, and JSON writes each of those as valid TOML.
-    lines: list[str] = []
-    for section, values in config.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
-    return "\n".join(lines) + "\n"
 
 
 def sysctl_in(pid: int, key: str) -> str:
@@ -140,7 +112,7 @@ def assert_clean(
     named = [rule for rule in rules if any(cni_id in rule for cni_id in cni_ids)]
     assert named == [], f"nat rules left: {named}"
     chains = {
-        container_chain(network, cni_id, prefix)
+        nat_chain(network, cni_id, prefix)
         for network in networks
         for cni_id in cni_ids
         for prefix in ("", "DN-")
@@ -176,37 +148,3 @@ def remove_portmap_shared_chains() -> None:
         run(["iptables", "-t", "nat", "-F", chain], check=False)
     for chain in portmap_shared_chains():
         run(["iptables", "-t", "nat", "-X", chain], check=False)
-
-
-def stop_leftover_daemon(config_path: Path, timeout: float = 10.0) -> list[int]:
-    """Stop any daemon still running with ``config_path`` and return the PIDs that were stopped.
-
-    The daemon fixture leaves its process running when its wait for the
-    detaches fails. Sends SIGTERM, then SIGKILL after ``timeout`` seconds.
-    """
-    pids = _daemon_pids(config_path)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _daemon_pids(config_path) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in _daemon_pids(config_path):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return pids
-
-
-def _daemon_pids(config_path: Path) -> list[int]:
-    expected = ["-m", "watcher", "run", "--config", str(config_path)]
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if argv[1:-1] == expected:
-            pids.append(int(entry.name))
-    return pids

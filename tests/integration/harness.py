@@ -247,6 +247,8 @@ class WatcherEnv:
     log_level: str = "debug"
     # Plugin folders in search order. A test puts a folder of wrapper plugins first.
     bin_dirs: tuple[Path, ...] = (CNI_BIN_DIR,)
+    resync_interval: str = "5m"
+    shutdown_timeout: str = "30s"
     conf_dir: Path = field(init=False)
     lease_dir: Path = field(init=False)
     state_dir: Path = field(init=False)
@@ -285,6 +287,9 @@ class WatcherEnv:
         namespaces = ", ".join(f'"{name}"' for name in self.namespaces)
         bin_dirs = ", ".join(f'"{folder}"' for folder in self.bin_dirs)
         self.config_path.write_text(
+            "[daemon]\n"
+            f'resync_interval = "{self.resync_interval}"\n'
+            f'shutdown_timeout = "{self.shutdown_timeout}"\n'
             "[containerd]\n"
             f'address = "{self.containerd.address}"\n'
             f"namespaces = [{namespaces}]\n"
@@ -444,19 +449,30 @@ def pins(env: WatcherEnv) -> list[str]:
     return [mount for mount in _mount_points() if mount.startswith(str(env.netns_dir) + "/")]
 
 
-def assert_no_leaks(env: WatcherEnv, cni_ids: Sequence[str]) -> None:
-    """Fail if a checkpoint, pin, lease, NAT rule or veth of the given CNI container IDs is left."""
+def assert_no_leaks(
+    env: WatcherEnv, cni_ids: Sequence[str], networks: Sequence[str] = ("mynet",)
+) -> None:
+    """Fail if a checkpoint, pin, lease, NAT rule or veth of the given CNI container IDs is left.
+
+    Only the given containers' NAT chains count, so suites running side by
+    side on other bridges do not fail each other's checks.
+    """
     assert env.checkpoints() == [], f"checkpoints left: {env.checkpoints()}"
     assert pins(env) == [], f"netns pins left: {pins(env)}"
-    left_leases = {
-        ip: owner for ip, owner in leases(env).items() if any(i in owner for i in cni_ids)
-    }
-    assert left_leases == {}, f"IPAM leases left: {left_leases}"
-    rules = [rule for rule in nat_rules() if any(f'id: \\"{i}\\"' in rule for i in cni_ids)]
-    assert rules == [], f"NAT rules left: {rules}"
-    chains = [line for line in nat_rules() if line.startswith(":CNI-")]
-    assert chains == [], f"CNI NAT chains left: {chains}"
+    for network in networks:
+        owned = {ip: owner for ip, owner in leases(env, network).items() if _owned(owner, cni_ids)}
+        assert owned == {}, f"IPAM leases left in {network}: {owned}"
+    rules = nat_rules()
+    left_rules = [rule for rule in rules if any(f'id: \\"{i}\\"' in rule for i in cni_ids)]
+    assert left_rules == [], f"NAT rules left: {left_rules}"
+    chains = {nat_chain(network, i) for network in networks for i in cni_ids}
+    left_chains = [line for line in rules if line[1:].split(" ")[0] in chains]
+    assert left_chains == [], f"CNI NAT chains left: {left_chains}"
     assert bridge_veths() == [], f"veths left on {BRIDGE}: {bridge_veths()}"
+
+
+def _owned(owner: str, cni_ids: Sequence[str]) -> bool:
+    return any(line.strip() in cni_ids for line in owner.splitlines())
 
 
 def remove_bridge(bridge: str = BRIDGE) -> None:
@@ -477,15 +493,16 @@ def unmount_below(base: Path) -> None:
             run(["umount", "-l", mount], check=False)
 
 
-def nat_chain(network: str, cni_id: str) -> str:
-    """Return the name of the NAT chain that the bridge plugin's ipMasq makes for one container.
+def nat_chain(network: str, cni_id: str, prefix: str = "") -> str:
+    """Return the name of a per-container NAT chain of the CNI plugins.
 
-    The name is ``CNI-`` plus the hex SHA-512 of network name and container
-    ID, cut to 28 characters, as bridge 1.1.1 of containernetworking-plugins
-    makes it.
+    ``prefix`` is "" for the ipMasq chain of bridge and ptp, "DN-" for
+    portmap's DNAT chain. The name is ``CNI-``, the prefix and the hex
+    SHA-512 of network name and container ID, cut to the 28 characters
+    iptables allows, as containernetworking-plugins 1.1.1 makes it.
     """
     digest = hashlib.sha512((network + cni_id).encode()).hexdigest()
-    return ("CNI-" + digest)[:28]
+    return f"CNI-{prefix}{digest}"[:28]
 
 
 def remove_nat_chain(chain: str) -> None:

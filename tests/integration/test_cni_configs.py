@@ -23,7 +23,6 @@ from tests.integration.cni_helpers import (
     SECOND_BRIDGE,
     SECOND_SUBNET,
     assert_clean,
-    container_chain,
     dnat_rules,
     host_routes,
     http_get,
@@ -31,7 +30,6 @@ from tests.integration.cni_helpers import (
     portmap_shared_chains,
     remove_portmap_shared_chains,
     restart_with_bin_dirs,
-    stop_leftover_daemon,
     sysctl_in,
     write_raw_network,
 )
@@ -47,6 +45,7 @@ from tests.integration.harness import (
     container_addresses,
     container_links,
     leases,
+    nat_chain,
     nat_rules,
     run,
 )
@@ -97,17 +96,6 @@ def remove_host_leftovers() -> Iterator[None]:
         remove_portmap_shared_chains()
 
 
-@pytest.fixture(autouse=True)
-def daemon_stopped(env: WatcherEnv) -> Iterator[None]:
-    """Stop the test's daemon if the daemon fixture left it running after a failed teardown.
-
-    This fixture ends after the daemon fixture because it depends on ``env``
-    only and, being autouse, is set up before ``daemon``.
-    """
-    yield
-    stop_leftover_daemon(env.config_path)
-
-
 def start(env: WatcherEnv, container_id: str, labels: dict[str, str], **kwargs: Any) -> int:
     """Start a labelled container, wait until it is attached and return its PID."""
     pid = env.containerd.start_container(NAMESPACE, container_id, labels, **kwargs)
@@ -144,7 +132,7 @@ def test_chain_100_portmap_tuning(env: WatcherEnv, daemon: Daemon) -> None:
     assert sysctl_in(pid, "net.ipv4.conf.eth0.rp_filter") == "2"
     [dnat] = dnat_rules(18080)
     assert f"--to-destination {address.ip}:80" in dnat
-    assert dnat.startswith(f"-A {container_chain('web100', cni_id, 'DN-')} ")
+    assert dnat.startswith(f"-A {nat_chain('web100', cni_id, 'DN-')} ")
     assert any(cni_id in rule for rule in nat_rules() if rule.startswith("-A CNI-HOSTPORT-DNAT"))
     assert http_get(str(address.ip), 80).startswith(b"HTTP/1.")
     assert http_get("127.0.0.1", 18080).startswith(b"HTTP/1.")

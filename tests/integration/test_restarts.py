@@ -521,8 +521,8 @@ def test_sigterm_lets_add_finish(env: WatcherEnv, watcher: Daemon) -> None:
 def test_sigterm_past_shutdown_timeout(env: WatcherEnv, watcher: Daemon) -> None:
     """ADD still running at the shutdown timeout is stopped, and the next start attaches again."""
     _use_slow_plugin(env, "before")
-    with env.config_path.open("a") as config:
-        config.write('[daemon]\nshutdown_timeout = "500ms"\n')
+    env.shutdown_timeout = "500ms"
+    env.write_config()
     watcher.start()
     pid = env.containerd.start_container("example", "slow", NETWORKS)
     wait_for(lambda: _phase(env, "example", "slow") == "attaching", 10, "ADD to start")
@@ -569,8 +569,8 @@ def test_hung_containerd_at_start(env: WatcherEnv, watcher: Daemon) -> None:
 
 def test_hung_containerd_during_resync(env: WatcherEnv, watcher: Daemon) -> None:
     """A periodic resync that times out is logged, and the next one still runs."""
-    with env.config_path.open("a") as config:
-        config.write('[daemon]\nresync_interval = "1s"\n')
+    env.resync_interval = "1s"
+    env.write_config()
     watcher.start()
     env.containerd.freeze()
     try:
