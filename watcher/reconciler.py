@@ -36,6 +36,7 @@ from watcher.errors import (
     ContainerdUnavailable,
     LabelError,
     NetnsError,
+    PluginError,
     WatcherError,
 )
 from watcher.health import find_problem, restore_for_del
@@ -47,6 +48,9 @@ log = structlog.get_logger(__name__)
 
 TASK_START = "/tasks/start"
 TASK_DELETE = "/tasks/delete"
+
+# The end of a failed plugin's stderr that goes into the error line.
+STDERR_LOG_CHARS = 500
 
 ADD_ATTEMPTS = 5
 DEL_ATTEMPTS = 5
@@ -370,6 +374,7 @@ class Reconciler:
             transient=is_transient(exc),
             failures=count,
             next_step=f"tried again at the first resync after {delay:.0f}s",
+            **_plugin_fields(exc),
         )
         if self._read_checkpoint(key) is not None:
             return  # the attaching checkpoint stays so a later run of DEL can clean it
@@ -480,6 +485,21 @@ class Reconciler:
             log.error("container.error", error=str(exc))
         except Exception:
             log.exception("container.unexpected_error")
+
+
+def _plugin_fields(exc: WatcherError) -> dict[str, object]:
+    """Return the CNI error object and the plugin's stderr tail as log fields."""
+    if not isinstance(exc, PluginError):
+        return {}
+    return {
+        "plugin": exc.plugin,
+        "command": exc.command,
+        "network": exc.network,
+        "cni_code": exc.code,
+        "cni_msg": exc.msg,
+        "cni_details": exc.details,
+        "stderr": exc.stderr[-STDERR_LOG_CHARS:],
+    }
 
 
 def _retrying(attempts: int, operation: str, retry_all: bool = False) -> AsyncRetrying:

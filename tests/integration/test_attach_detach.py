@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from pathlib import Path
 
 from tests.integration.harness import (
     SUBNET,
@@ -128,3 +129,50 @@ def test_exec_delete_ignored(env: WatcherEnv, daemon: Daemon) -> None:
     env.wait_attached("example", "later")
 
     assert env.checkpoint("example", "web") == before
+
+
+FAILING_PLUGIN = """#!/bin/sh
+case "$CNI_COMMAND" in
+VERSION) echo '{"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0"]}' ;;
+ADD)
+  echo '{"cniVersion": "1.0.0", "code": 7, "msg": "invalid config", "details": "no uplink"}'
+  echo "uplink eth9 not found" >&2
+  exit 1 ;;
+esac
+"""
+
+
+def test_plugin_error_logged(env: WatcherEnv, daemon: Daemon, tmp_path: Path) -> None:
+    """A plugin's CNI error is logged with code, msg and details, and the container is left bare."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "failing").write_text(FAILING_PLUGIN)
+    (bin_dir / "failing").chmod(0o755)
+    env.write_network(
+        "30-broken.conf", {"cniVersion": "1.0.0", "name": "broken", "type": "failing"}
+    )
+    env.bin_dirs = (bin_dir, *env.bin_dirs)
+    env.write_config()
+    daemon.stop()
+    daemon.start()
+
+    pid = env.containerd.start_container("example", "web", {"cni-watcher/networks": "broken"})
+    line = daemon.wait_for_log("container.attach_failed", container_id="web")
+
+    assert line["plugin"] == "failing"
+    assert line["command"] == "ADD"
+    assert line["network"] == "broken"
+    assert line["cni_code"] == 7
+    assert line["cni_msg"] == "invalid config"
+    assert line["cni_details"] == "no uplink"
+    assert "uplink eth9 not found" in line["stderr"]
+    assert line["transient"] is False
+    assert list(container_links(pid)) == ["lo"]
+    assert pins(env) == []
+    checkpoint = env.checkpoint("example", "web")
+    assert checkpoint is not None
+    assert checkpoint["phase"] == "failed"
+
+    env.containerd.remove("example", "web")
+    env.wait_detached("example", "web")
+    assert_no_leaks(env, ["example--web"], networks=("broken",))
