@@ -1,6 +1,6 @@
 """Attaching and detaching one container: pin, checkpoint, CNI chain, record.
 
-The order of steps is what keeps the host clean. A checkpoint that holds the
+The order of steps is what keeps the host clean. A checkpoint that contains the
 full configs is written before any plugin runs, so whatever happens next, a
 later DEL knows what to remove. DEL runs against the pinned namespace, so the
 plugins can still see the container's interfaces when they clean up.
@@ -123,7 +123,7 @@ class Attacher:
         except NetnsError as exc:
             raise TaskGone(str(exc)) from exc
 
-        # The pin holds whatever namespace PID had at mount time. Only if the
+        # The pin refers to whatever namespace PID had at mount time. Only if the
         # task still runs with that PID afterwards is it the task's namespace
         # and not one of a process that reused a freed PID. No checkpoint
         # names the pin yet, so every failure removes it.

@@ -27,7 +27,7 @@ _FILE_MODE = 0o600
 
 
 class Phase(enum.StrEnum):
-    """Where a container's attachment stands."""
+    """Phase of a container's attachment, stored in its checkpoint."""
 
     ATTACHING = "attaching"  # ADD may have run partly; DEL before anything else
     ATTACHED = "attached"  # every ADD succeeded
@@ -103,7 +103,7 @@ class CheckpointStore:
         self.root = state_dir / "checkpoints"
 
     def path(self, namespace: str, container_id: str) -> Path:
-        """Return the file that holds the checkpoint of one container."""
+        """Return the path of one container's checkpoint file."""
         return self.root / namespace / f"{container_id}.json"
 
     def read(self, namespace: str, container_id: str) -> Checkpoint | None:

@@ -34,7 +34,7 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class ContainerdSettings:
-    """Where containerd listens and which of its namespaces to watch (empty: all)."""
+    """containerd's socket and the namespaces to watch (empty: all)."""
 
     address: str = "/run/containerd/containerd.sock"
     namespaces: tuple[str, ...] = ()
@@ -42,7 +42,7 @@ class ContainerdSettings:
 
 @dataclass(frozen=True)
 class CNISettings:
-    """Where CNI network configs and plugins live, and how long a plugin may run."""
+    """CNI config and plugin folders, default networks and the plugin timeout."""
 
     conf_dir: Path = Path("/etc/cni/net.d")
     bin_dirs: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
@@ -141,7 +141,7 @@ def parse_duration(text: str) -> float:
 
 
 def is_identifier(text: str) -> bool:
-    """Whether ``text`` is a valid containerd namespace name or container id."""
+    """Return whether ``text`` is a valid containerd namespace name or container id."""
     return len(text) <= IDENTIFIER_MAX_LEN and IDENTIFIER_RE.fullmatch(text) is not None
 
 

@@ -78,7 +78,7 @@ class Bandwidth:
 
 @dataclass(frozen=True)
 class AttachRequest:
-    """What a container asked for through its labels."""
+    """Networks and options that a container requests through its labels."""
 
     networks: tuple[NetworkRef, ...]
     ip: str | None = None

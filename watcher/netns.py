@@ -68,7 +68,7 @@ class NetnsPins:
 
 
 def is_pinned(path: Path) -> bool:
-    """Whether ``path`` is a mounted network namespace file."""
+    """Return whether ``path`` is a mounted network namespace file."""
     try:
         return os.path.ismount(path) and path.stat().st_dev != path.parent.stat().st_dev
     except OSError:
@@ -88,7 +88,7 @@ def is_pin_of(path: Path, pid: int) -> bool:
 
 
 def is_host_netns(path: Path) -> bool:
-    """Whether ``path`` refers to the daemon's own or init's network namespace.
+    """Return whether ``path`` refers to the daemon's own or init's network namespace.
 
     A container started with the host network shares that namespace; running
     CNI plugins there would reconfigure the host itself.

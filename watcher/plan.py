@@ -94,7 +94,7 @@ def find_port_conflict(
 
 
 def declares(net: NetworkConfigList, capability: str) -> bool:
-    """Whether any plugin of ``net`` declares ``capability`` in its ``capabilities`` map."""
+    """Return whether a plugin of ``net`` declares ``capability`` in its ``capabilities`` map."""
     return any(bool(plugin.get("capabilities", {}).get(capability)) for plugin in net.plugins)
 
 

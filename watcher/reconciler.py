@@ -62,7 +62,7 @@ RETRY_MAX_DELAY = 10.0
 FAILED_RETRY_DELAY = 60.0
 FAILED_RETRY_MAX_DELAY = 3600.0
 
-# Task states in which the process exists and holds its network namespace.
+# Task states in which the process exists and keeps its network namespace alive.
 LIVE_STATUSES = (TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING)
 
 
@@ -75,7 +75,7 @@ class ContainerKey:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` may go away if the same operation is tried again soon.
+    """Return whether ``error`` may go away if the same operation is tried again soon.
 
     Transient are: containerd being unreachable, a plugin that timed out, and
     a plugin error with CNI code 11 or a message about xtables lock
@@ -118,7 +118,7 @@ class Reconciler:
         return len(self._tasks)
 
     def watches(self, namespace: str) -> bool:
-        """Whether events from containerd ``namespace`` are handled."""
+        """Return whether events from containerd ``namespace`` are handled."""
         watched = self.config.containerd.namespaces
         return not watched or namespace in watched
 
