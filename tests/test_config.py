@@ -155,3 +155,25 @@ def test_parse_duration_rejects(text: str) -> None:
     """Text that is not number-unit pairs raises ValueError."""
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_check_config_warns_about_setup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config stays valid but warns about missing plugins and unknown default networks."""
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    (conf_dir / "10-lo.conf").write_text(
+        '{"cniVersion": "0.2.0", "name": "lo", "type": "loopback"}'
+    )
+    path = write(
+        tmp_path,
+        f'[cni]\nconf_dir = "{conf_dir}"\nbin_dirs = ["{tmp_path}/nobin"]\n'
+        'default_networks = ["lo", "mynet"]\n',
+    )
+
+    assert main(["check-config", "--config", str(path)]) == 0
+
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [
+        f"warning: none of cni.bin_dirs exists ({tmp_path}/nobin); install the CNI plugins",
+        f"warning: cni.default_networks names 'mynet', which is not in {conf_dir}",
+    ]

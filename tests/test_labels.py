@@ -27,6 +27,25 @@ def test_no_opt_in_label_is_none() -> None:
     assert parse({"cni-watcher/enabled": "false"}) is None
 
 
+def test_enabled_false_opts_out() -> None:
+    """enabled=false keeps a container out even when it lists networks."""
+    labels = {"cni-watcher/networks": "mynet", "cni-watcher/enabled": "false"}
+
+    assert parse(labels) is None
+
+
+def test_unknown_label_rejected() -> None:
+    """A misspelt label under the prefix is rejected and the known labels listed."""
+    labels = {"cni-watcher/networks": "mynet", "cni-watcher/port": "8080:80"}
+
+    with pytest.raises(LabelError) as raised:
+        parse(labels)
+
+    assert raised.value.label == "cni-watcher/port"
+    assert raised.value.value == "8080:80"
+    assert "cni-watcher/ports" in raised.value.reason
+
+
 def test_networks_in_label_order() -> None:
     """The networks label lists networks in order, with optional interface names."""
     request = parse({"cni-watcher/networks": "mynet, lo,second:net1"})

@@ -94,13 +94,25 @@ def test_ifname_clash_rejected(conf: ConfDir) -> None:
 
 
 def test_unknown_network_rejected(conf: ConfDir) -> None:
-    """A network that is not in the conf dir is rejected, listing the known names."""
+    """A network that is not in the conf dir is rejected with the whole label and known names."""
+    labels = {"cni-watcher/networks": "mynet,nosuch"}
     with pytest.raises(LabelError) as raised:
-        plan_networks(request("mynet", "nosuch"), conf, PREFIX)
+        plan_networks(request("mynet", "nosuch", labels=labels), conf, PREFIX)
 
     assert raised.value.label == "cni-watcher/networks"
-    assert raised.value.value == "nosuch"
+    assert raised.value.value == "mynet,nosuch"
+    assert "'nosuch'" in raised.value.reason
     assert "known: lo, mynet, published, static" in raised.value.reason
+
+
+def test_unknown_default_network_rejected(conf: ConfDir) -> None:
+    """An unknown network from default_networks is reported on the enabled label."""
+    labels = {"cni-watcher/enabled": "true"}
+    with pytest.raises(LabelError) as raised:
+        plan_networks(request("nosuch", labels=labels), conf, PREFIX)
+
+    assert raised.value.label == "cni-watcher/enabled"
+    assert raised.value.value == "true"
 
 
 def test_static_ip_through_cni_args(conf: ConfDir) -> None:

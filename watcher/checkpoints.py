@@ -9,6 +9,7 @@ either the old or the new content, never a mix, even across a power loss.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -141,6 +142,10 @@ class CheckpointStore:
         except FileNotFoundError:
             return
         _fsync_dir(path.parent)
+        # The namespace's folder goes with its last checkpoint.
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+            _fsync_dir(path.parent.parent)
 
     def quarantine(self, path: Path) -> Path:
         """Rename an unreadable checkpoint to ``NAME.corrupt``, kept for people but never read."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from watcher import __version__
 from watcher.checkpoints import Checkpoint, CheckpointStore, NetworkRecord
 from watcher.cni import Result
-from watcher.config import DEFAULT_CONFIG_PATH, Config, load_config
+from watcher.config import DEFAULT_CONFIG_PATH, Config, find_setup_problems, load_config
 from watcher.errors import CNIError, ConfigError, WatcherError
 from watcher.logs import configure_logging
 
@@ -77,6 +77,8 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 def _check_config(config: Config, args: argparse.Namespace) -> int:
     print(f"{args.config}: valid")
+    for problem in find_setup_problems(config):
+        print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 

@@ -129,6 +129,29 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     )
 
 
+def find_setup_problems(config: Config) -> list[str]:
+    """Return what in the host's setup would make attaches fail, for warnings at start.
+
+    These do not stop the daemon, because the folders and networks may
+    appear later, but an operator should hear about them before the first
+    labelled container does.
+    """
+    from watcher.cni import load_conf_dir
+
+    problems = []
+    if not any(folder.is_dir() for folder in config.cni.bin_dirs):
+        folders = ", ".join(str(folder) for folder in config.cni.bin_dirs)
+        problems.append(f"none of cni.bin_dirs exists ({folders}); install the CNI plugins")
+    conf = load_conf_dir(config.cni.conf_dir)
+    problems += conf.problems
+    for name in config.cni.default_networks:
+        if name not in conf.networks:
+            problems.append(
+                f"cni.default_networks names {name!r}, which is not in {config.cni.conf_dir}"
+            )
+    return problems
+
+
 def parse_duration(text: str) -> float:
     """Convert a duration such as ``30s``, ``500ms``, ``2m`` or ``1h30m`` to seconds.
 

@@ -18,7 +18,7 @@ from watcher import __version__
 from watcher.attachment import Attacher
 from watcher.checkpoints import CheckpointStore
 from watcher.cni import CNIRuntime
-from watcher.config import Config
+from watcher.config import Config, find_setup_problems
 from watcher.containerd import ContainerdClient, TaskEventStream
 from watcher.errors import ContainerdError
 from watcher.netns import NetnsPins
@@ -59,6 +59,8 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         log.info("daemon.started", version=__version__, address=self.config.containerd.address)
+        for problem in find_setup_problems(self.config):
+            log.warning("daemon.setup_problem", problem=problem)
 
         workers = [
             asyncio.create_task(self._watch(), name="event watch"),

@@ -24,6 +24,8 @@ _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _RATE_RE = re.compile(r"(\d+)([kmg]?)(?:bit)?", re.IGNORECASE)
 _RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 PROTOCOLS = ("tcp", "udp", "sctp")
+# Label names after the prefix.
+LABEL_NAMES = ("networks", "enabled", "ip", "mac", "ports", "bandwidth")
 
 _T = TypeVar("_T")
 
@@ -94,17 +96,26 @@ def parse_labels(
 ) -> AttachRequest | None:
     """Turn a container's labels into an AttachRequest, or None if it has not opted in.
 
-    Raises LabelError for the first invalid label value.
+    ``PREFIX enabled=false`` opts out even when a networks label is set.
+    Raises LabelError for the first invalid label value, and for a label
+    under the prefix that means nothing, which is most likely a misspelling.
     """
     networks_label = prefix + "networks"
     enabled_label = prefix + "enabled"
     enabled = _parse_enabled(enabled_label, labels.get(enabled_label))
+    if enabled is False:
+        return None
     if networks_label in labels:
         networks = parse_networks(networks_label, labels[networks_label])
     elif enabled:
         networks = _default_networks(enabled_label, default_networks)
     else:
         return None
+
+    for label, value in labels.items():
+        if label.startswith(prefix) and label[len(prefix) :] not in LABEL_NAMES:
+            known = ", ".join(prefix + name for name in LABEL_NAMES)
+            raise LabelError(label, value, f"unknown label; the known labels are {known}")
 
     return AttachRequest(
         networks=networks,
@@ -197,9 +208,9 @@ def parse_bandwidth(label: str, value: str) -> Bandwidth:
     return Bandwidth(ingress[0], ingress[1], egress[0], egress[1])
 
 
-def _parse_enabled(label: str, value: str | None) -> bool:
+def _parse_enabled(label: str, value: str | None) -> bool | None:
     if value is None:
-        return False
+        return None
     if value not in ("true", "false"):
         raise LabelError(label, value, "expected true or false")
     return value == "true"

@@ -37,7 +37,13 @@ def plan_networks(request: AttachRequest, conf: ConfDir, prefix: str) -> tuple[N
     names, or ports or bandwidth that no plugin of the networks can apply.
     """
     networks_label = prefix + "networks"
-    configs = [_find_network(conf, ref.name, networks_label) for ref in request.networks]
+    # Without a networks label the networks come from enabled=true and the
+    # config's default_networks, so an unknown one is reported on that label.
+    if networks_label in request.labels:
+        source = (networks_label, request.labels[networks_label])
+    else:
+        source = (prefix + "enabled", "true")
+    configs = [_find_network(conf, ref.name, *source) for ref in request.networks]
     ifnames = _choose_ifnames(request, configs)
     duplicates = sorted({name for name in ifnames if ifnames.count(name) > 1})
     if duplicates:
@@ -98,13 +104,12 @@ def declares(net: NetworkConfigList, capability: str) -> bool:
     return any(bool(plugin.get("capabilities", {}).get(capability)) for plugin in net.plugins)
 
 
-def _find_network(conf: ConfDir, name: str, label: str) -> NetworkConfigList:
+def _find_network(conf: ConfDir, name: str, label: str, value: str) -> NetworkConfigList:
     net = conf.networks.get(name)
     if net is None:
         known = ", ".join(sorted(conf.networks)) or "none"
-        raise LabelError(
-            label, name, f"no CNI network named {name!r} in the conf dir (known: {known})"
-        )
+        reason = f"no CNI network named {name!r} in the conf dir (known: {known})"
+        raise LabelError(label, value, reason)
     return net
 
 

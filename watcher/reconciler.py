@@ -111,6 +111,9 @@ class Reconciler:
         # Host ports of attaches that passed the conflict check but may not
         # have written their checkpoint yet.
         self._port_claims: dict[ContainerKey, Checkpoint] = {}
+        # The last label error logged per container, to log a repeat only at
+        # debug level.
+        self._label_errors: dict[ContainerKey, str] = {}
 
     @property
     def in_flight(self) -> int:
@@ -214,6 +217,7 @@ class Reconciler:
 
     async def ensure_detached(self, key: ContainerKey, pid: int) -> None:
         """Detach the container if its checkpoint belongs to the task with ``pid``."""
+        self._label_errors.pop(key, None)
         checkpoint = self._read_checkpoint(key)
         if checkpoint is None:
             return
@@ -406,6 +410,7 @@ class Reconciler:
         if checkpoint.phase == Phase.FAILED:
             # A failed ADD was already cleaned with DEL; only the marker is left.
             self.store.remove(checkpoint.namespace, checkpoint.container_id)
+            log.info("container.failed_checkpoint_removed", pid=checkpoint.pid)
             return
         await self.attacher.detach(checkpoint)
 
@@ -460,13 +465,13 @@ class Reconciler:
                 structlog.contextvars.bind_contextvars(
                     namespace=key.namespace, container_id=key.container_id
                 )
-                await self._run_logged(work)
+                await self._run_logged(key, work)
         finally:
             self._lane_users[key] -= 1
             if self._lane_users[key] == 0:
                 del self._lane_users[key], self._lanes[key]
 
-    async def _run_logged(self, work: Callable[[], Awaitable[None]]) -> None:
+    async def _run_logged(self, key: ContainerKey, work: Callable[[], Awaitable[None]]) -> None:
         # The lane is the boundary where errors stop: one container's failure
         # must never stop the daemon from serving the others.
         try:
@@ -476,15 +481,27 @@ class Reconciler:
             log.warning("container.operation_cancelled", next_step="finished at the next start")
             raise
         except LabelError as exc:
-            log.error(
-                "container.label_invalid", label=exc.label, value=exc.value, reason=exc.reason
-            )
+            self._log_label_error(key, exc)
         except ContainerdUnavailable as exc:
             log.warning("container.deferred", reason=str(exc), next_step="retried at next resync")
         except WatcherError as exc:
             log.error("container.error", error=str(exc))
         except Exception:
             log.exception("container.unexpected_error")
+
+    def _log_label_error(self, key: ContainerKey, exc: LabelError) -> None:
+        # Every resync looks at the container again, so a fixed conf dir takes
+        # effect without a restart; the same error is logged at error level
+        # only the first time.
+        level = log.debug if self._label_errors.get(key) == str(exc) else log.error
+        self._label_errors[key] = str(exc)
+        level(
+            "container.label_invalid",
+            label=exc.label,
+            value=exc.value,
+            reason=exc.reason,
+            next_step="checked again at every resync",
+        )
 
 
 def _plugin_fields(exc: WatcherError) -> dict[str, object]:
