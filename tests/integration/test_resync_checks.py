@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -128,3 +129,24 @@ def _next_subnet() -> ipaddress.IPv4Network:
     # The /16 after the suite's subnet, so suites with their own subnets
     # never share it.
     return ipaddress.IPv4Network((int(SUBNET.network_address) + (1 << 16), 16))
+
+
+def test_label_error_logged_once(fast_resync: WatcherEnv, daemon: Daemon) -> None:
+    """A label error is logged at error level once, and a fixed conf dir attaches at a resync."""
+    env = fast_resync
+    env.containerd.start_container("example", "late", {"cni-watcher/networks": "latenet,lo"})
+
+    first = daemon.wait_for_log("container.label_invalid", container_id="late", level="error")
+    assert first["value"] == "latenet,lo"
+    daemon.wait_for_log("container.label_invalid", container_id="late", level="debug", timeout=15)
+    errors = [line for line in daemon.errors() if line["event"] == "container.label_invalid"]
+    assert len(errors) == 1
+
+    reference = json.loads((env.conf_dir / "10-mynet.conf").read_text())
+    env.write_network("20-latenet.conf", {**reference, "name": "latenet"})
+    checkpoint = env.wait_attached("example", "late")
+    assert [network["name"] for network in checkpoint["networks"]] == ["latenet", "lo"]
+
+    env.containerd.remove("example", "late")
+    env.wait_detached("example", "late")
+    assert_no_leaks(env, ["example--late"], networks=("latenet",))
