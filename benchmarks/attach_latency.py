@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             daemon.stop()
         containerd.close()
         unmount_below(base)
+        shutil.rmtree(base, ignore_errors=True)
         remove_bridge()
         Path("/proc/sys/net/ipv4/ip_forward").write_text(forwarding)
     print_table(rows)
