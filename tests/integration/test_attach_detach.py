@@ -176,3 +176,34 @@ def test_plugin_error_logged(env: WatcherEnv, daemon: Daemon, tmp_path: Path) ->
     env.containerd.remove("example", "web")
     env.wait_detached("example", "web")
     assert_no_leaks(env, ["example--web"], networks=("broken",))
+
+
+def test_failed_second_network_undoes_first(
+    env: WatcherEnv, daemon: Daemon, tmp_path: Path
+) -> None:
+    """When the second network's ADD fails, the first network is removed again."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "failing").write_text(FAILING_PLUGIN)
+    (bin_dir / "failing").chmod(0o755)
+    env.write_network(
+        "30-broken.conf", {"cniVersion": "1.0.0", "name": "broken", "type": "failing"}
+    )
+    env.bin_dirs = (bin_dir, *env.bin_dirs)
+    env.write_config()
+    daemon.stop()
+    daemon.start()
+
+    labels = {"cni-watcher/networks": "mynet,broken"}
+    pid = env.containerd.start_container("example", "web", labels)
+    daemon.wait_for_log("container.attach_failed", container_id="web")
+
+    assert daemon.wait_for_log("network.attached", container_id="web", network="mynet")
+    assert list(container_links(pid)) == ["lo"]
+    assert leases(env) == {}
+    assert bridge_veths() == []
+    assert [rule for rule in nat_rules() if "example--web" in rule] == []
+
+    env.containerd.remove("example", "web")
+    env.wait_detached("example", "web")
+    assert_no_leaks(env, ["example--web"], networks=("mynet", "broken"))
