@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -295,3 +298,47 @@ async def test_invoke_invalid_request_not_run(
         await invoke_plugin(make_request(**changes), [bin_dir], timeout=10)
 
     assert read_records(record) == []
+
+
+KILLED_RUNTIME = """
+import asyncio, sys
+from pathlib import Path
+from watcher.cni.invoke import PluginRequest, invoke_plugin
+
+request = PluginRequest(
+    command="ADD", network="net", plugin_type="fake",
+    config={"cniVersion": "1.0.0", "name": "net", "type": "fake"},
+    container_id="c0ffee", netns="/proc/self/ns/net", ifname="eth0",
+)
+asyncio.run(invoke_plugin(request, [Path(sys.argv[1])], timeout=60))
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv from util-linux")
+def test_invoke_plugin_dies_with_runtime(bin_dir: Path, record: Path) -> None:
+    """A plugin whose runtime process is killed with SIGKILL is killed by the kernel too."""
+    write_fake_plugin(bin_dir, "fake", record, sleep=30)
+    runtime = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUNTIME, str(bin_dir)], cwd=Path(__file__).parents[1]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not read_records(record) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [call] = read_records(record)
+    finally:
+        runtime.kill()
+        runtime.wait()
+
+    deadline = time.monotonic() + 5
+    while _alive(call["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_process_gone(call["pid"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

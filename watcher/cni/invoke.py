@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,10 @@ from watcher.cni.conf import is_safe_plugin_type
 from watcher.errors import CNIError, PluginError, PluginNotFoundError, PluginTimeoutError
 
 log = structlog.get_logger(__name__)
+
+# NOTE: without setpriv, plugins run without a parent-death signal and can
+# outlive a daemon killed with SIGKILL unless a service manager ends them.
+_SETPRIV = shutil.which("setpriv")
 
 # libcni's code for failures that have no CNI error object (types.ErrInternal).
 ERR_INTERNAL = 999
@@ -227,7 +232,7 @@ async def _run_supervised(
     started = time.monotonic()
     try:
         process = await asyncio.create_subprocess_exec(
-            str(path),
+            *_command_line(path),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -271,6 +276,16 @@ async def _stop_and_reap(process: asyncio.subprocess.Process, kill_grace: float)
     stopping.result()
     if cancelled:
         raise asyncio.CancelledError
+
+
+def _command_line(path: Path) -> list[str]:
+    # setpriv (util-linux) sets the parent-death signal and then executes the
+    # plugin, so the kernel kills a plugin whose daemon was killed. Left
+    # running, such a plugin could finish its ADD after the restarted daemon
+    # had already cleaned up after it.
+    if _SETPRIV is None:
+        return [str(path)]
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", str(path)]
 
 
 async def _terminate(process: asyncio.subprocess.Process, kill_grace: float) -> None:
