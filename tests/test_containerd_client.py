@@ -1,23 +1,17 @@
 """Tests of watcher.containerd.client against a private containerd.
 
-The integration tests start their own containerd with root, state and socket
-in a temporary folder, run busybox containers in it with ctr and runc, and
-remove the containers, the daemon and the folders afterwards. They need root,
-containerd, runc, ctr and busybox. A missing prerequisite skips them, or fails
-them when CI=true.
+The integration tests start their own containerd from tests.integration.harness,
+with root, state and socket in a temporary folder, run busybox containers in it
+with ctr and runc, and remove the containers, the daemon and the folders
+afterwards. They need root, containerd, containerd-shim-runc-v2, runc, ctr and
+busybox. A missing prerequisite skips them, or fails them when CI=true.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import secrets
-import shutil
-import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,6 +20,12 @@ import pytest
 from google.protobuf import any_pb2
 from structlog.testing import capture_logs
 
+from tests.integration.harness import (
+    Containerd,
+    require_prerequisites,
+    restore_run_containerd,
+    run,
+)
 from watcher.containerd import (
     Container,
     ContainerdClient,
@@ -37,196 +37,32 @@ from watcher.containerd import (
 from watcher.containerd._pb import events_pb2, events_pb2_grpc, task_events_pb2
 from watcher.errors import ContainerdError, ContainerdUnavailable
 
-PREREQUISITE_COMMANDS = ("containerd", "runc", "ctr", "busybox")
-# containerd 1.6 creates the shim sockets in /run/containerd/s regardless of
-# its config, so teardown removes that folder if the tests created it.
-SHIM_SOCKET_PARENT = Path("/run/containerd")
-START_TIMEOUT_SECONDS = 15.0
+# These tests run containers but no CNI plugins, so they need fewer commands
+# than the harness's default prerequisites.
+PREREQUISITE_COMMANDS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "busybox")
+SLEEP_COMMAND = ("/bin/busybox", "sleep", "600")
 EVENT_TIMEOUT_SECONDS = 15.0
 
-
-def _check_prerequisites() -> None:
-    """Skip, or fail when CI=true, unless root and every required command are present."""
-    missing = []
-    if os.geteuid() != 0:
-        missing.append(f"root (running as uid {os.geteuid()})")
-    missing.extend(command for command in PREREQUISITE_COMMANDS if shutil.which(command) is None)
-    if not missing:
-        return
-    message = "containerd integration tests need: " + ", ".join(missing)
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+ContainerStarter = Callable[[str, str, Mapping[str, str]], None]
 
 
-@dataclass
-class PrivateContainerd:
-    """A containerd process with its own root, state and socket under ``base``."""
+def _require_prerequisites() -> None:
+    require_prerequisites(commands=PREREQUISITE_COMMANDS, plugins=())
 
-    base: Path
-    process: subprocess.Popen[bytes]
-    rootfs: Path
-    created_shim_parent: bool
 
-    @property
-    def socket(self) -> Path:
-        return self.base / "containerd.sock"
-
-    @property
-    def runc_root(self) -> Path:
-        return self.base / "runc"
-
-    def ctr(self, namespace: str, *args: str, check: bool = True) -> str:
-        """Run ctr against this containerd and return its stdout."""
-        command = ["ctr", "--address", str(self.socket), "--namespace", namespace, *args]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(command)} failed: {result.stderr.strip()}")
-        return result.stdout
-
-    def run_container(self, namespace: str, container_id: str, labels: dict[str, str]) -> None:
-        """Start a detached busybox ``sleep`` container."""
-        label_args = [arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]
-        self.ctr(
-            namespace,
-            "run",
-            "--detach",
-            "--null-io",
-            "--rootfs",
-            "--runc-root",
-            str(self.runc_root),
-            *label_args,
-            str(self.rootfs),
-            container_id,
-            "/bin/busybox",
-            "sleep",
-            "600",
-        )
-
-    def task_pid(self, namespace: str, container_id: str) -> int:
-        """Return the task pid that ``ctr tasks ls`` reports."""
-        for line in self.ctr(namespace, "tasks", "ls").splitlines()[1:]:
-            fields = line.split()
-            if fields and fields[0] == container_id:
-                return int(fields[1])
-        raise AssertionError(f"ctr tasks ls lists no task {container_id!r} in {namespace!r}")
-
-    def kill_and_delete_task(self, namespace: str, container_id: str) -> None:
-        """SIGKILL a task, wait until it has stopped and delete it."""
-        self.ctr(namespace, "tasks", "kill", "--signal", "SIGKILL", container_id)
-        deadline = time.monotonic() + EVENT_TIMEOUT_SECONDS
-        while "STOPPED" not in self._task_line(namespace, container_id):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"task {container_id!r} did not stop after SIGKILL")
-            time.sleep(0.05)
-        self.ctr(namespace, "tasks", "delete", container_id)
-
-    def remove_container(self, namespace: str, container_id: str) -> None:
-        """Delete a container and its task, whatever state they are in."""
-        self.ctr(namespace, "tasks", "delete", "--force", container_id, check=False)
-        self.ctr(namespace, "containers", "delete", container_id, check=False)
-
-    def remove_everything(self) -> None:
-        """Delete every task and container in every namespace."""
-        for namespace in self.ctr("default", "namespaces", "ls", "--quiet").split():
-            for container_id in self.ctr(namespace, "containers", "ls", "--quiet").split():
-                self.remove_container(namespace, container_id)
-
-    def stop(self) -> None:
-        """End the containerd process by its pid, SIGTERM first and SIGKILL after 10 s."""
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    _require_prerequisites()
+    with restore_run_containerd():
+        daemon = Containerd(tmp_path_factory.mktemp("containerd"))
         try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def _task_line(self, namespace: str, container_id: str) -> str:
-        for line in self.ctr(namespace, "tasks", "ls").splitlines()[1:]:
-            if line.split()[:1] == [container_id]:
-                return line
-        return ""
-
-
-def _start_containerd(base: Path, rootfs: Path) -> PrivateContainerd:
-    base.mkdir(parents=True, exist_ok=True)
-    config = base / "config.toml"
-    config.write_text(
-        "version = 2\n"
-        f'root = "{base / "root"}"\n'
-        f'state = "{base / "state"}"\n'
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-        "[grpc]\n"
-        f'  address = "{base / "containerd.sock"}"\n'
-        '[plugins."io.containerd.internal.v1.opt"]\n'
-        f'  path = "{base / "opt"}"\n'
-    )
-    created_shim_parent = not SHIM_SOCKET_PARENT.exists()
-    with (base / "containerd.log").open("wb") as log_file:
-        process = subprocess.Popen(
-            ["containerd", "--config", str(config)], stdout=log_file, stderr=subprocess.STDOUT
-        )
-    daemon = PrivateContainerd(base, process, rootfs, created_shim_parent)
-
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while True:
-        if process.poll() is not None:
-            log_text = (base / "containerd.log").read_text(errors="replace")[-2000:]
-            pytest.fail(f"containerd exited with code {process.returncode}:\n{log_text}")
-        ready = daemon.socket.exists() and (
-            subprocess.run(
-                ["ctr", "--address", str(daemon.socket), "version"], capture_output=True
-            ).returncode
-            == 0
-        )
-        if ready:
-            return daemon
-        if time.monotonic() > deadline:
-            daemon.stop()
-            pytest.fail(
-                f"containerd did not serve {daemon.socket} within {START_TIMEOUT_SECONDS} s"
-            )
-        time.sleep(0.1)
-
-
-def _stop_containerd(daemon: PrivateContainerd) -> None:
-    try:
-        if daemon.process.poll() is None:
-            daemon.remove_everything()
-    finally:
-        daemon.stop()
-        shutil.rmtree(daemon.base, ignore_errors=True)
-        if daemon.created_shim_parent:
-            # rmdir only removes empty folders, so nothing another process
-            # created in between is lost.
-            for folder in (SHIM_SOCKET_PARENT / "s", SHIM_SOCKET_PARENT):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _check_prerequisites()
-    folder = tmp_path_factory.mktemp("rootfs")
-    (folder / "bin").mkdir()
-    busybox = shutil.which("busybox")
-    assert busybox is not None
-    shutil.copy2(busybox, folder / "bin" / "busybox")
-    (folder / "bin" / "sh").symlink_to("busybox")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def containerd(
-    tmp_path_factory: pytest.TempPathFactory, rootfs: Path
-) -> Iterator[PrivateContainerd]:
-    daemon = _start_containerd(tmp_path_factory.mktemp("containerd"), rootfs)
-    try:
-        yield daemon
-    finally:
-        _stop_containerd(daemon)
+            daemon.start()
+            yield daemon
+        finally:
+            try:
+                daemon.remove_all_containers()
+            finally:
+                daemon.close()
 
 
 @pytest.fixture
@@ -235,30 +71,29 @@ def namespace() -> str:
 
 
 @pytest.fixture
-def make_container(containerd: PrivateContainerd) -> Iterator[_ContainerFactory]:
-    factory = _ContainerFactory(containerd)
+def make_container(containerd: Containerd) -> Iterator[ContainerStarter]:
+    """Start detached busybox ``sleep`` containers and remove them after the test."""
+
+    def start(namespace: str, container_id: str, labels: Mapping[str, str]) -> None:
+        containerd.start_container(
+            namespace,
+            container_id,
+            labels,
+            SLEEP_COMMAND,
+            null_io=True,
+            runc_root=containerd.base / "runc",
+        )
+
     try:
-        yield factory
+        yield start
     finally:
-        for namespace, container_id in factory.created:
-            containerd.remove_container(namespace, container_id)
-
-
-class _ContainerFactory:
-    """Callable that runs test containers and records them for removal."""
-
-    def __init__(self, containerd: PrivateContainerd) -> None:
-        self.containerd = containerd
-        self.created: list[tuple[str, str]] = []
-
-    def __call__(self, namespace: str, container_id: str, labels: dict[str, str]) -> None:
-        self.created.append((namespace, container_id))
-        self.containerd.run_container(namespace, container_id, labels)
+        for namespace, container_id in list(containerd.containers):
+            containerd.remove(namespace, container_id)
 
 
 @pytest.fixture
-async def client(containerd: PrivateContainerd) -> AsyncIterator[ContainerdClient]:
-    async with ContainerdClient(str(containerd.socket), call_timeout=10.0) as client:
+async def client(containerd: Containerd) -> AsyncIterator[ContainerdClient]:
+    async with ContainerdClient(containerd.address, call_timeout=10.0) as client:
         yield client
 
 
@@ -279,16 +114,14 @@ def _publish_request(topic: str, type_url: str, value: bytes) -> events_pb2.Publ
 async def test_version_returns_server_version(client: ContainerdClient) -> None:
     """version() returns the version that the containerd binary reports."""
     # `containerd --version` prints: containerd <module> <version> <revision>
-    expected = subprocess.run(
-        ["containerd", "--version"], capture_output=True, text=True, check=True
-    ).stdout.split()[2]
+    expected = run(["containerd", "--version"]).stdout.split()[2]
 
     assert await client.version() == expected
 
 
 @pytest.mark.integration
 async def test_get_container_returns_labels(
-    client: ContainerdClient, make_container: _ContainerFactory, namespace: str
+    client: ContainerdClient, make_container: ContainerStarter, namespace: str
 ) -> None:
     """get_container() returns the id and labels the container was created with."""
     labels = {"cni.example/networks": "bridge", "other": "x=y"}
@@ -301,7 +134,7 @@ async def test_get_container_returns_labels(
 
 @pytest.mark.integration
 async def test_get_container_missing_returns_none(
-    client: ContainerdClient, make_container: _ContainerFactory, namespace: str
+    client: ContainerdClient, make_container: ContainerStarter, namespace: str
 ) -> None:
     """get_container() returns None for an id that does not exist."""
     make_container(namespace, "present", {})
@@ -311,7 +144,7 @@ async def test_get_container_missing_returns_none(
 
 @pytest.mark.integration
 async def test_list_containers_returns_labels(
-    client: ContainerdClient, make_container: _ContainerFactory, namespace: str
+    client: ContainerdClient, make_container: ContainerStarter, namespace: str
 ) -> None:
     """list_containers() returns every container of the namespace with its labels."""
     make_container(namespace, "first", {"role": "a"})
@@ -329,8 +162,8 @@ async def test_list_containers_returns_labels(
 @pytest.mark.integration
 async def test_get_task_running_returns_pid(
     client: ContainerdClient,
-    containerd: PrivateContainerd,
-    make_container: _ContainerFactory,
+    containerd: Containerd,
+    make_container: ContainerStarter,
     namespace: str,
 ) -> None:
     """get_task() reports a running task with the pid that ctr lists."""
@@ -348,13 +181,13 @@ async def test_get_task_running_returns_pid(
 @pytest.mark.integration
 async def test_get_task_stopped_returns_status(
     client: ContainerdClient,
-    containerd: PrivateContainerd,
-    make_container: _ContainerFactory,
+    containerd: Containerd,
+    make_container: ContainerStarter,
     namespace: str,
 ) -> None:
     """get_task() reports STOPPED for a killed task that is not deleted yet."""
     make_container(namespace, "killed", {})
-    containerd.ctr(namespace, "tasks", "kill", "--signal", "SIGKILL", "killed")
+    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "killed", namespace=namespace)
 
     async with asyncio.timeout(EVENT_TIMEOUT_SECONDS):
         while (task := await client.get_task(namespace, "killed")) is not None:
@@ -369,13 +202,14 @@ async def test_get_task_stopped_returns_status(
 @pytest.mark.integration
 async def test_get_task_without_task_returns_none(
     client: ContainerdClient,
-    containerd: PrivateContainerd,
-    make_container: _ContainerFactory,
+    containerd: Containerd,
+    make_container: ContainerStarter,
     namespace: str,
 ) -> None:
     """get_task() returns None for a missing container and for one whose task was deleted."""
     make_container(namespace, "taskless", {})
-    containerd.kill_and_delete_task(namespace, "taskless")
+    containerd.kill_task_until_stopped(namespace, "taskless")
+    containerd.ctr("tasks", "delete", "taskless", namespace=namespace)
 
     assert await client.get_task(namespace, "absent") is None
     assert await client.get_task(namespace, "taskless") is None
@@ -385,8 +219,8 @@ async def test_get_task_without_task_returns_none(
 @pytest.mark.integration
 async def test_list_tasks_returns_init_processes(
     client: ContainerdClient,
-    containerd: PrivateContainerd,
-    make_container: _ContainerFactory,
+    containerd: Containerd,
+    make_container: ContainerStarter,
     namespace: str,
 ) -> None:
     """list_tasks() returns one running task per started container with its pid."""
@@ -403,7 +237,7 @@ async def test_list_tasks_returns_init_processes(
 
 @pytest.mark.integration
 async def test_namespaces_are_isolated(
-    client: ContainerdClient, make_container: _ContainerFactory
+    client: ContainerdClient, make_container: ContainerStarter
 ) -> None:
     """A container is visible only in the namespace it was created in."""
     suffix = secrets.token_hex(4)
@@ -425,8 +259,8 @@ async def test_namespaces_are_isolated(
 @pytest.mark.integration
 async def test_subscribe_receives_start_and_delete(
     client: ContainerdClient,
-    containerd: PrivateContainerd,
-    make_container: _ContainerFactory,
+    containerd: Containerd,
+    make_container: ContainerStarter,
     namespace: str,
 ) -> None:
     """subscribe() delivers /tasks/start with the pid, then /tasks/delete after kill and delete."""
@@ -445,7 +279,8 @@ async def test_subscribe_receives_start_and_delete(
         assert subscribed_at - timedelta(seconds=5) < start.timestamp
         assert start.timestamp < datetime.now(UTC) + timedelta(seconds=5)
 
-        containerd.kill_and_delete_task(namespace, "watched")
+        containerd.kill_task_until_stopped(namespace, "watched")
+        containerd.ctr("tasks", "delete", "watched", namespace=namespace)
         delete = await _next_event(stream, "watched", "/tasks/delete")
 
         assert delete.namespace == namespace
@@ -456,11 +291,11 @@ async def test_subscribe_receives_start_and_delete(
 
 @pytest.mark.integration
 async def test_subscribe_sees_event_right_after_return(
-    client: ContainerdClient, containerd: PrivateContainerd, namespace: str
+    client: ContainerdClient, containerd: Containerd, namespace: str
 ) -> None:
     """An event published immediately after subscribe() returns is delivered."""
     payload = task_events_pb2.TaskStart(container_id="right-after", pid=7).SerializeToString()
-    async with grpc.aio.insecure_channel(f"unix://{containerd.socket}") as channel:
+    async with grpc.aio.insecure_channel(f"unix://{containerd.address}") as channel:
         events = events_pb2_grpc.EventsStub(channel)
         for _ in range(5):
             async with await client.subscribe() as stream:
@@ -474,7 +309,7 @@ async def test_subscribe_sees_event_right_after_return(
 
 @pytest.mark.integration
 async def test_subscribe_skips_undecodable_events(
-    client: ContainerdClient, containerd: PrivateContainerd, namespace: str
+    client: ContainerdClient, containerd: Containerd, namespace: str
 ) -> None:
     """Events of another type, on another topic or with a corrupt payload are logged and skipped."""
     start = task_events_pb2.TaskStart(container_id="published", pid=42).SerializeToString()
@@ -487,7 +322,7 @@ async def test_subscribe_skips_undecodable_events(
     ]
 
     async with await client.subscribe() as stream:
-        async with grpc.aio.insecure_channel(f"unix://{containerd.socket}") as channel:
+        async with grpc.aio.insecure_channel(f"unix://{containerd.address}") as channel:
             events = events_pb2_grpc.EventsStub(channel)
             for request in requests:
                 await events.Publish(request, metadata=(("containerd-namespace", namespace),))
@@ -534,9 +369,9 @@ async def test_stream_cancel_ends_iteration(client: ContainerdClient) -> None:
 
 
 @pytest.mark.integration
-async def test_client_close_ends_open_streams(containerd: PrivateContainerd) -> None:
+async def test_client_close_ends_open_streams(containerd: Containerd) -> None:
     """close() on the client ends iteration of its open streams."""
-    client = ContainerdClient(str(containerd.socket))
+    client = ContainerdClient(containerd.address)
     stream = await client.subscribe()
 
     await client.close()
@@ -548,20 +383,23 @@ async def test_client_close_ends_open_streams(containerd: PrivateContainerd) -> 
 
 
 @pytest.mark.integration
-async def test_stream_containerd_stop_raises_unavailable(tmp_path: Path, rootfs: Path) -> None:
+async def test_stream_containerd_stop_raises_unavailable(tmp_path: Path) -> None:
     """An open stream raises ContainerdUnavailable when containerd stops."""
-    daemon = _start_containerd(tmp_path / "stopping", rootfs)
-    try:
-        async with ContainerdClient(str(daemon.socket)) as client:
-            stream = await client.subscribe()
-            daemon.stop()
+    _require_prerequisites()
+    with restore_run_containerd():
+        daemon = Containerd(tmp_path / "stopping")
+        try:
+            daemon.start()
+            async with ContainerdClient(daemon.address) as client:
+                stream = await client.subscribe()
+                daemon.stop()
 
-            with pytest.raises(ContainerdUnavailable, match="Events.Subscribe") as raised:
-                await asyncio.wait_for(anext(stream), timeout=EVENT_TIMEOUT_SECONDS)
+                with pytest.raises(ContainerdUnavailable, match="Events.Subscribe") as raised:
+                    await asyncio.wait_for(anext(stream), timeout=EVENT_TIMEOUT_SECONDS)
 
-            assert isinstance(raised.value.__cause__, grpc.aio.AioRpcError)
-    finally:
-        _stop_containerd(daemon)
+                assert isinstance(raised.value.__cause__, grpc.aio.AioRpcError)
+        finally:
+            daemon.close()
 
 
 async def test_missing_socket_raises_unavailable(tmp_path: Path) -> None:

@@ -51,14 +51,20 @@ COMMANDS = (
 )
 PLUGINS = ("bridge", "host-local", "loopback")
 APPLETS = ("sh", "sleep", "httpd", "ip", "true", "cat", "ls")
+# containerd 1.6 makes its shim sockets in /run/containerd/s even when its
+# config moves root, state and socket elsewhere, and ctr makes stdio FIFOs in
+# /run/containerd/fifo.
+RUN_CONTAINERD = Path("/run/containerd")
 
 _T = TypeVar("_T")
 
 
-def require_prerequisites() -> None:
-    """Skip the test when a prerequisite is missing, or fail it when CI=true."""
-    missing = [name for name in COMMANDS if shutil.which(name) is None]
-    missing += [str(CNI_BIN_DIR / name) for name in PLUGINS if not (CNI_BIN_DIR / name).exists()]
+def require_prerequisites(
+    commands: Sequence[str] = COMMANDS, plugins: Sequence[str] = PLUGINS
+) -> None:
+    """Skip the test when root, a command or a CNI plugin is missing, or fail it when CI=true."""
+    missing = [name for name in commands if shutil.which(name) is None]
+    missing += [str(CNI_BIN_DIR / name) for name in plugins if not (CNI_BIN_DIR / name).exists()]
     if os.geteuid() != 0:
         missing.append("root privileges")
     if not missing:
@@ -108,6 +114,24 @@ def make_rootfs(path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def restore_run_containerd() -> Iterator[None]:
+    """Remove /run/containerd on exit if it did not exist on entry.
+
+    Only empty folders are removed, so whatever another process put there in
+    the meantime stays.
+    """
+    created = not RUN_CONTAINERD.exists()
+    try:
+        yield
+    finally:
+        if created:
+            # A bottom-up walk removes the subfolders before their parent.
+            for folder, _subfolders, _files in os.walk(RUN_CONTAINERD, topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+
+
 class Containerd:
     """A containerd with its own socket, root and state folders, ended by PID."""
 
@@ -121,7 +145,8 @@ class Containerd:
         self.containers: set[tuple[str, str]] = set()
 
     def start(self) -> None:
-        """Start containerd and wait until it answers on its socket."""
+        """Start containerd and wait until it serves requests on its socket."""
+        # The opt plugin would otherwise create /opt/containerd on the host.
         self.config.write_text(
             "version = 2\n"
             f'root = "{self.base / "root"}"\n'
@@ -129,14 +154,20 @@ class Containerd:
             'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
             f'[grpc]\n  address = "{self.address}"\n'
             f'[ttrpc]\n  address = "{self.address}.ttrpc"\n'
+            f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{self.base / "opt"}"\n'
         )
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 ["containerd", "--config", str(self.config)], stdout=log, stderr=log
             )
-        wait_for(
-            lambda: self.ctr("version", check=False).returncode == 0, 20, "containerd to start"
-        )
+        wait_for(self._serving, 20, "containerd to start")
+
+    def _serving(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise AssertionError(f"containerd exited with {self.process.returncode}:\n{tail}")
+        return self.ctr("version", check=False).returncode == 0
 
     def stop(self) -> None:
         """Stop containerd by PID; running shims and tasks are left alone."""
@@ -181,17 +212,29 @@ class Containerd:
         container_id: str,
         labels: Mapping[str, str] | None = None,
         command: Sequence[str] = ("sleep", "3600"),
+        *,
+        null_io: bool = False,
+        runc_root: Path | None = None,
     ) -> int:
-        """Start a busybox container in the background and return its task's PID."""
+        """Start a busybox container in the background and return its task's PID.
+
+        ``null_io`` discards the task's stdio, so ctr makes no FIFOs in
+        /run/containerd/fifo. ``runc_root`` moves runc's state out of
+        /run/containerd/runc.
+        """
         label_args = [
             arg for key, value in (labels or {}).items() for arg in ("--label", f"{key}={value}")
         ]
+        option_args = ["--null-io"] if null_io else []
+        if runc_root is not None:
+            option_args += ["--runc-root", str(runc_root)]
         self.containers.add((namespace, container_id))
         self.ctr(
             "run",
             "-d",
             "--env",
             "PATH=/bin",
+            *option_args,
             *label_args,
             "--rootfs",
             str(self.rootfs),
@@ -214,6 +257,14 @@ class Containerd:
                 return int(fields[1])
         raise AssertionError(f"no task for container {namespace}/{container_id}")
 
+    def task_status(self, namespace: str, container_id: str) -> str | None:
+        """Return the status that ``ctr tasks ls`` lists for the container's task, or None."""
+        for line in self.ctr("tasks", "ls", namespace=namespace).stdout.splitlines()[1:]:
+            fields = line.split()
+            if fields and fields[0] == container_id:
+                return fields[2]
+        return None
+
     def remove(self, namespace: str, container_id: str) -> None:
         """Kill and delete the container's task, then delete the container."""
         self.kill_task(namespace, container_id)
@@ -221,10 +272,36 @@ class Containerd:
         self.ctr("containers", "delete", container_id, namespace=namespace, check=False)
         self.containers.discard((namespace, container_id))
 
+    def remove_all_containers(self) -> None:
+        """Remove every container in every namespace, also ones this harness did not start.
+
+        Does nothing when containerd is not running.
+        """
+        if self.process is None or self.process.poll() is not None:
+            return
+        for namespace in self.ctr("namespaces", "ls", "--quiet").stdout.split():
+            listed = self.ctr("containers", "ls", "--quiet", namespace=namespace).stdout.split()
+            for container_id in listed:
+                self.remove(namespace, container_id)
+
     def kill_task(self, namespace: str, container_id: str) -> None:
         """Send SIGKILL to the container's task."""
         self.ctr(
             "tasks", "kill", "--signal", "SIGKILL", container_id, namespace=namespace, check=False
+        )
+
+    def kill_task_until_stopped(
+        self, namespace: str, container_id: str, timeout: float = 15.0
+    ) -> None:
+        """Send SIGKILL to the container's task and wait until ctr lists it as STOPPED.
+
+        Unlike ``kill_task``, a failed kill raises, and the task is not deleted.
+        """
+        self.ctr("tasks", "kill", "--signal", "SIGKILL", container_id, namespace=namespace)
+        wait_for(
+            lambda: self.task_status(namespace, container_id) == "STOPPED",
+            timeout,
+            f"task {namespace}/{container_id} to stop",
         )
 
     def delete_task(self, namespace: str, container_id: str) -> None:

@@ -25,7 +25,7 @@ SERVE_HTTP = ("httpd", "-f", "-p", str(HTTP_PORT), "-h", "/www")
 
 
 def test_labelled_container_gets_eth0_and_lo(env: WatcherEnv, daemon: Daemon) -> None:
-    """A labelled container gets eth0 on the reference bridge, lo up, and answers on TCP."""
+    """A labelled container gets eth0 on the bridge and lo up, and serves TCP to the host."""
     pid = env.containerd.start_container("example", "web", NETWORKS, SERVE_HTTP)
     checkpoint = env.wait_attached("example", "web")
 
