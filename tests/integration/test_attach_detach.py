@@ -6,6 +6,8 @@ import ipaddress
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.integration.harness import (
     SUBNET,
     Daemon,
@@ -142,8 +144,9 @@ esac
 """
 
 
-def test_plugin_error_logged(env: WatcherEnv, daemon: Daemon, tmp_path: Path) -> None:
-    """A plugin's CNI error is logged with code, msg and details, and the container is left bare."""
+@pytest.fixture
+def broken(env: WatcherEnv, daemon: Daemon, tmp_path: Path) -> str:
+    """A network ``broken`` whose plugin fails every ADD, with the daemon restarted to see it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "failing").write_text(FAILING_PLUGIN)
@@ -155,8 +158,12 @@ def test_plugin_error_logged(env: WatcherEnv, daemon: Daemon, tmp_path: Path) ->
     env.write_config()
     daemon.stop()
     daemon.start()
+    return "broken"
 
-    pid = env.containerd.start_container("example", "web", {"cni-watcher/networks": "broken"})
+
+def test_plugin_error_logged(env: WatcherEnv, daemon: Daemon, broken: str) -> None:
+    """A plugin's CNI error is logged with code, msg and details, and the container is left bare."""
+    pid = env.containerd.start_container("example", "web", {"cni-watcher/networks": broken})
     line = daemon.wait_for_log("container.attach_failed", container_id="web")
 
     assert line["plugin"] == "failing"
@@ -178,23 +185,9 @@ def test_plugin_error_logged(env: WatcherEnv, daemon: Daemon, tmp_path: Path) ->
     assert_no_leaks(env, ["example--web"], networks=("broken",))
 
 
-def test_failed_second_network_undoes_first(
-    env: WatcherEnv, daemon: Daemon, tmp_path: Path
-) -> None:
+def test_failed_second_network_undoes_first(env: WatcherEnv, daemon: Daemon, broken: str) -> None:
     """When the second network's ADD fails, the first network is removed again."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "failing").write_text(FAILING_PLUGIN)
-    (bin_dir / "failing").chmod(0o755)
-    env.write_network(
-        "30-broken.conf", {"cniVersion": "1.0.0", "name": "broken", "type": "failing"}
-    )
-    env.bin_dirs = (bin_dir, *env.bin_dirs)
-    env.write_config()
-    daemon.stop()
-    daemon.start()
-
-    labels = {"cni-watcher/networks": "mynet,broken"}
+    labels = {"cni-watcher/networks": f"mynet,{broken}"}
     pid = env.containerd.start_container("example", "web", labels)
     daemon.wait_for_log("container.attach_failed", container_id="web")
 
