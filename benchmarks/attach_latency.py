@@ -130,7 +130,7 @@ def measure_burst(
 
 
 def has_phase(env: WatcherEnv, container_id: str, expected: str | None) -> bool:
-    """Whether the container's checkpoint is in phase ``expected`` (None: has none)."""
+    """Return whether the container's checkpoint is in phase ``expected`` (None: has none)."""
     checkpoint = env.checkpoint(NAMESPACE, container_id)
     return (None if checkpoint is None else checkpoint["phase"]) == expected
 

@@ -132,7 +132,7 @@ def test_scan_yields_checkpoints_and_errors(tmp_path: Path) -> None:
 
 
 def test_quarantine_moves_aside(tmp_path: Path) -> None:
-    """quarantine renames the file with a .corrupt suffix so scan no longer sees it."""
+    """quarantine renames the file with a .corrupt suffix so scan no longer lists it."""
     store = CheckpointStore(tmp_path)
     path = store.path("example", "web")
     path.parent.mkdir(parents=True)

@@ -2,7 +2,7 @@
 
 The order of steps is what keeps the host clean. A checkpoint that contains the
 full configs is written before any plugin runs, so whatever happens next, a
-later DEL knows what to remove. DEL runs against the pinned namespace, so the
+later DEL finds what to remove. DEL runs against the pinned namespace, so the
 plugins can still see the container's interfaces when they clean up.
 """
 
@@ -54,7 +54,7 @@ class Attacher:
         Returns the ``attached`` checkpoint. Raises TaskGone when the task is
         no longer running with ``pid``, NetnsError for a host namespace, and
         CNIError when a plugin is missing or does not support its network's
-        cniVersion; nothing is left behind then. Raises CNIError when an ADD
+        cniVersion. Nothing is left behind in these cases. Raises CNIError when an ADD
         fails, after removing the networks tried so far with DEL, as the CNI
         spec requires. If that DEL succeeded, the pin and checkpoint are gone
         too. If it failed, the ``attaching`` checkpoint stays for a later DEL.

@@ -102,7 +102,7 @@ class PluginError(CNIError):
     """Raised when a plugin exits non-zero or writes output that is not valid.
 
     ``code``, ``msg`` and ``details`` come from the CNI error object that the
-    plugin wrote to stdout; a plugin that wrote none gets code 999 and its
+    plugin wrote to stdout. A plugin that wrote none gets code 999 and its
     stderr as the message.
     """
 

@@ -87,11 +87,11 @@ def find_port_conflict(
     Two mappings clash when protocol and host port match and their host IPs
     are equal or either one is unset, which means every address.
     """
-    wanted = list(_published(records))
+    requested = list(_published(records))
     for other in others:
-        for taken in _published(other.networks):
-            for port in wanted:
-                if _same_host_port(port, taken):
+        for published in _published(other.networks):
+            for port in requested:
+                if _same_host_port(port, published):
                     return (
                         f"host port {port['hostPort']}/{port['protocol']} is already published "
                         f"by container {other.namespace}/{other.container_id}"

@@ -491,7 +491,7 @@ class Reconciler:
 
     def _log_label_error(self, key: ContainerKey, exc: LabelError) -> None:
         # Every resync looks at the container again, so a fixed conf dir takes
-        # effect without a restart; the same error is logged at error level
+        # effect without a restart. The same error is logged at error level
         # only the first time.
         level = log.debug if self._label_errors.get(key) == str(exc) else log.error
         self._label_errors[key] = str(exc)

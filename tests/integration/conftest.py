@@ -66,7 +66,7 @@ def daemon(env: WatcherEnv) -> Iterator[Daemon]:
         yield process
     finally:
         # Delete the test's containers while the daemon still runs, so it
-        # detaches them; a leak check inside the test has already failed if
+        # detaches them. A leak check inside the test has already failed if
         # that did not work.
         if process.process is not None:
             try:
