@@ -171,3 +171,14 @@ def test_remove_partial_writes_keeps_checkpoints(tmp_path: Path) -> None:
     assert not leftover.exists()
     assert other.exists()
     assert store.read("example", "web") is not None
+
+
+def test_record_addresses_from_result() -> None:
+    """A record lists the addresses of its stored result, and None for one that does not parse."""
+    parsed = make_checkpoint().networks[0]
+    empty = NetworkRecord(name="lo", ifname="lo", config=BRIDGE_CONFIG)
+    broken = NetworkRecord(name="mynet", ifname="eth0", config=BRIDGE_CONFIG, result={"ip4": 5})
+
+    assert parsed.addresses() == ["10.22.0.50/16"]
+    assert empty.addresses() == []
+    assert broken.addresses() is None

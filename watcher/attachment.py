@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from watcher.checkpoints import Checkpoint, CheckpointStore, NetworkRecord, Phase
-from watcher.cni import CNIRuntime, NetworkConfigList, Result, RuntimeConf
+from watcher.cni import CNIRuntime, NetworkConfigList, RuntimeConf
 from watcher.errors import CNIError, NetnsError
 from watcher.netns import NetnsPins, is_host_netns, is_pinned
 from watcher.plan import cni_container_id
@@ -54,10 +54,12 @@ class Attacher:
         Returns the ``attached`` checkpoint. Raises TaskGone when the task is
         no longer running with ``pid``, NetnsError for a host namespace, and
         CNIError when a plugin is missing or does not support its network's
-        cniVersion. Nothing is left behind in these cases. Raises CNIError when an ADD
-        fails, after removing the networks tried so far with DEL, as the CNI
-        spec requires. If that DEL succeeded, the pin and checkpoint are gone
-        too. If it failed, the ``attaching`` checkpoint stays for a later DEL.
+        cniVersion. Nothing is left behind in these cases.
+
+        Raises CNIError when an ADD fails, after removing the networks tried
+        so far with DEL, as the CNI spec requires. If that DEL succeeded, the
+        pin and checkpoint are gone too. If it failed, the ``attaching``
+        checkpoint stays for a later DEL.
         """
         # A plugin that cannot run would fail its DEL in the same way, so it
         # is found before anything on the host changes.
@@ -194,7 +196,7 @@ class Attacher:
                 "network.detached",
                 network=record.name,
                 ifname=record.ifname,
-                ip=_result_addresses(record),
+                ip=",".join(record.addresses() or []),
                 duration_ms=_elapsed_ms(started),
             )
 
@@ -221,16 +223,6 @@ def _runtime(
         args=record.args,
         capability_args=record.capability_args,
     )
-
-
-def _result_addresses(record: NetworkRecord) -> str:
-    if record.result is None:
-        return ""
-    version = str(record.config.get("cniVersion", ""))
-    try:
-        return ",".join(Result.parse(record.result, version).addresses())
-    except (CNIError, ValueError, KeyError, TypeError):
-        return ""
 
 
 def _elapsed_ms(started: float) -> int:

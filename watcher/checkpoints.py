@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from watcher.errors import CheckpointError
+from watcher.cni import Result
+from watcher.errors import CheckpointError, CNIError
 
 SCHEMA_VERSION = 1
 _DIR_MODE = 0o700
@@ -46,6 +47,16 @@ class NetworkRecord:
     args: tuple[tuple[str, str], ...] = ()
     capability_args: Mapping[str, Any] = field(default_factory=dict)
     result: Mapping[str, Any] | None = None
+
+    def addresses(self) -> list[str] | None:
+        """Return the CIDR addresses in the stored ADD result, or None if it cannot be parsed."""
+        if self.result is None:
+            return []
+        version = str(self.config.get("cniVersion", ""))
+        try:
+            return Result.parse(self.result, version).addresses()
+        except CNIError:
+            return None
 
 
 @dataclass(frozen=True)

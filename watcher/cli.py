@@ -15,9 +15,8 @@ from pathlib import Path
 
 from watcher import __version__
 from watcher.checkpoints import Checkpoint, CheckpointStore, NetworkRecord
-from watcher.cni import Result
 from watcher.config import DEFAULT_CONFIG_PATH, Config, find_setup_problems, load_config
-from watcher.errors import CNIError, ConfigError, WatcherError
+from watcher.errors import ConfigError, WatcherError
 from watcher.logs import configure_logging
 
 EXIT_FAILURE = 1
@@ -100,7 +99,7 @@ def _list(config: Config, args: argparse.Namespace) -> int:
 
 def _summary(checkpoint: Checkpoint) -> dict[str, object]:
     networks = [
-        {"network": record.name, "ifname": record.ifname, "ips": _addresses(record)}
+        {"network": record.name, "ifname": record.ifname, "ips": _addresses_shown(record)}
         for record in checkpoint.networks
     ]
     return {
@@ -113,21 +112,16 @@ def _summary(checkpoint: Checkpoint) -> dict[str, object]:
     }
 
 
-def _addresses(record: NetworkRecord) -> list[str]:
-    if record.result is None:
-        return []
-    version = str(record.config.get("cniVersion", ""))
-    try:
-        return Result.parse(record.result, version).addresses()
-    except (CNIError, ValueError, KeyError, TypeError):
-        return ["?"]
+def _addresses_shown(record: NetworkRecord) -> list[str]:
+    addresses = record.addresses()
+    return ["?"] if addresses is None else addresses
 
 
 def _print_table(checkpoints: list[Checkpoint]) -> None:
     lines = [("NAMESPACE", "CONTAINER", "PID", "PHASE", "NETWORKS")]
     for checkpoint in checkpoints:
         networks = " ".join(
-            f"{record.name}:{record.ifname}={','.join(_addresses(record)) or '-'}"
+            f"{record.name}:{record.ifname}={','.join(_addresses_shown(record)) or '-'}"
             for record in checkpoint.networks
         )
         row = (checkpoint.namespace, checkpoint.container_id, str(checkpoint.pid))

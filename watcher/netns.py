@@ -39,7 +39,8 @@ class NetnsPins:
         """Bind-mount the network namespace of ``pid`` to the container's pin path.
 
         An existing pin at that path is replaced. Raises NetnsError when the
-        process is gone or the mount fails; nothing is left behind then.
+        process is gone or the mount fails, after removing the empty pin file
+        again. The namespace's folder may stay, empty.
         """
         target = self.path(namespace, container_id)
         if is_pinned(target):
